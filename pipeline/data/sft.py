@@ -1,0 +1,215 @@
+"""Instruction data for SFT: Alpaca, messages and prompt/completion rows -> validated prompt/completion examples.
+
+Validation runs before any model loads and names the file and row of every problem. The length policy
+needs a token counter, which the stage passes in, so this module stays torch-free.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipeline.data.sources import MAX_REPORTED, Rows, read_source
+from pipeline.data.templates import render_prompt
+from pipeline.errors import DataError
+
+REQUIRED = {
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One training example: prompt and completion (strings, or message lists for chat templates)."""
+
+    prompt: Any
+    completion: Any
+    where: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def as_record(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "completion": self.completion}
+
+
+def detect_format(rows: Rows, declared: str) -> str:
+    columns = set(rows.rows[0])
+    if declared != "auto":
+        missing = [c for c in REQUIRED[declared] if c not in columns]
+        if missing:
+            raise DataError(
+                f"{rows.source}: format {declared!r} needs column(s) {', '.join(map(repr, missing))}, "
+                f"but the first row has: {', '.join(sorted(columns)) or '(none)'}. "
+                f"Map your column names in the recipe, e.g. columns: {{{missing[0]}: <your column>}}"
+            )
+        return declared
+    for fmt in ("messages", "alpaca", "prompt_completion"):
+        if all(c in columns for c in REQUIRED[fmt]):
+            return fmt
+    wanted = "; ".join(f"{fmt}: {', '.join(cols)}" for fmt, cols in REQUIRED.items())
+    raise DataError(
+        f"{rows.source}: cannot tell the data format from its columns ({', '.join(sorted(columns)) or 'none'}). "
+        f"Expected one of — {wanted}. If your columns are named differently, map them in the recipe, "
+        "e.g. columns: {instruction: question, output: answer}"
+    )
+
+
+def load_sft_examples(source, template: str) -> tuple[list[Example], str]:
+    """Read and validate one source. Returns the examples and the detected format."""
+    rows = read_source(source)
+    fmt = detect_format(rows, source.format)
+    if fmt == "messages" and template != "chat":
+        raise DataError(
+            f"{rows.source}: conversational 'messages' data needs the tokenizer's chat template; "
+            "set 'template: chat' in the stage's data settings"
+        )
+    convert = {"alpaca": _from_alpaca, "messages": _from_messages, "prompt_completion": _from_prompt_completion}[fmt]
+    examples, problems = [], []
+    for i, row in enumerate(rows.rows):
+        try:
+            examples.append(convert(row, template, rows.at(i)))
+        except _RowProblem as exc:
+            problems.append(f"{rows.at(i)}: {exc}")
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise DataError(
+            f"{len(problems)} bad row(s) in {rows.source} (format {fmt}); fix or remove them:\n  "
+            + "\n  ".join(problems[:MAX_REPORTED]) + more
+        )
+    return examples, fmt
+
+
+class _RowProblem(Exception):
+    pass
+
+
+def _text(row: dict, key: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise _RowProblem(f"{key!r} is missing")
+        return ""
+    if not isinstance(value, str):
+        raise _RowProblem(f"{key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r})")
+    if required and not value.strip():
+        raise _RowProblem(f"{key!r} is empty")
+    return value
+
+
+def _meta(row: dict, used: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in used}
+
+
+def _from_alpaca(row: dict, template: str, where: str) -> Example:
+    instruction, output = _text(row, "instruction"), _text(row, "output")
+    input_ = _text(row, "input", required=False)
+    clean = {"instruction": instruction, "input": input_, "output": output}
+    prompt = render_prompt(clean, template)
+    completion = [{"role": "assistant", "content": output}] if template == "chat" else output
+    return Example(prompt, completion, where, _meta(row, ("instruction", "input", "output")))
+
+
+def _from_prompt_completion(row: dict, template: str, where: str) -> Example:
+    prompt, completion = _text(row, "prompt"), _text(row, "completion")
+    if template == "chat":
+        return Example([{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}], where, _meta(row, ("prompt", "completion")))
+    return Example(prompt, completion, where, _meta(row, ("prompt", "completion")))
+
+
+def _from_messages(row: dict, template: str, where: str) -> Example:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _RowProblem("'messages' must be a non-empty list of {role, content} objects")
+    clean = []
+    for j, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise _RowProblem(f"messages[{j}] must be an object with 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise _RowProblem(f"messages[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(msg["content"], str) or not msg["content"].strip():
+            raise _RowProblem(f"messages[{j}].content must be a non-empty string")
+        clean.append({"role": msg["role"], "content": msg["content"]})
+    if clean[-1]["role"] != "assistant":
+        raise _RowProblem("the last message must be the assistant's (it is what the model learns to write)")
+    if not any(m["role"] == "user" for m in clean[:-1]):
+        raise _RowProblem("needs at least one user message before the assistant's")
+    return Example(clean[:-1], clean[-1:], where, _meta(row, ("messages",)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Length policy and summary
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LengthReport:
+    rows: int
+    kept: int
+    dropped_overlength: int = 0
+    dropped_prompt_too_long: int = 0
+    truncated: int = 0
+    duplicates: int = 0
+    token_lengths: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def apply_length_policy(
+    examples: list[Example],
+    count_tokens: Callable[[Example], tuple[int, int]],
+    max_length: int,
+    policy: str,
+    source: str,
+) -> tuple[list[Example], LengthReport]:
+    """Apply the recipe's over-length policy. ``count_tokens`` returns (prompt tokens, total tokens).
+
+    truncate: TRL cuts the sequence at max_length (the end of the response is lost, counted here);
+    a row whose prompt alone fills max_length has nothing left to learn from and is dropped.
+    """
+    kept, lengths = [], []
+    report = LengthReport(rows=len(examples), kept=0)
+    over = []
+    for ex in examples:
+        prompt_len, total = count_tokens(ex)
+        lengths.append(total)
+        if total <= max_length:
+            kept.append(ex)
+            continue
+        over.append(f"{ex.where}: {total} tokens (prompt {prompt_len})")
+        if policy == "drop":
+            report.dropped_overlength += 1
+        elif policy == "truncate":
+            if prompt_len >= max_length:
+                report.dropped_prompt_too_long += 1
+            else:
+                report.truncated += 1
+                kept.append(ex)
+    if policy == "error" and over:
+        more = f"\n  ... and {len(over) - MAX_REPORTED} more" if len(over) > MAX_REPORTED else ""
+        raise DataError(
+            f"{len(over)} row(s) of {source} are longer than max_length={max_length} tokens "
+            "(set overlength: truncate or drop, or raise max_length):\n  " + "\n  ".join(over[:MAX_REPORTED]) + more
+        )
+    if not kept:
+        raise DataError(f"{source}: no rows left after applying max_length={max_length} ({policy}); raise max_length")
+    seen = Counter(repr(ex.as_record()) for ex in kept)
+    report.duplicates = sum(c - 1 for c in seen.values())
+    report.kept = len(kept)
+    report.token_lengths = percentiles(lengths)
+    return kept, report
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:
+        return float(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))])
+
+    return {"min": float(ordered[0]), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": float(ordered[-1]), "mean": round(statistics.fmean(ordered), 2)}

@@ -1,0 +1,239 @@
+"""Tokenizer and model loading: dtype, 4-bit/8-bit bitsandbytes, LoRA, adapter hand-off, saving.
+
+The only module that touches peft and bitsandbytes, so every stage loads models the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# What a training stage hands to the next: saved in the manifest as the stage's "model" output
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A saved model: a full model directory, or a LoRA adapter on a base."""
+
+    path: str
+    kind: str  # "full" | "adapter"
+    base: str | None = None  # for adapters: the base model path or Hub id
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "base": self.base}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelRef":
+        return cls(path=data["path"], kind=data["kind"], base=data.get("base"))
+
+
+def resolve_name(name_or_path: str) -> str:
+    if name_or_path == BUILTIN_TINY_MODEL:
+        from pipeline.tinymodel import tiny_model_path
+
+        return str(tiny_model_path())
+    if name_or_path.startswith("builtin:"):
+        raise PipelineError(f"model.name_or_path: unknown built-in model {name_or_path!r}; the built-in is {BUILTIN_TINY_MODEL!r}")
+    return name_or_path
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def torch_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    if has_cuda():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    source = path or resolve_name(cfg.name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=None if path else cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise PipelineError(f"cannot load the tokenizer of {source!r}: {exc}") from None
+    if tok.pad_token is None:
+        # Padding positions are masked out of the loss and attention, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token or tok.unk_token
+        if tok.pad_token is None:
+            raise PipelineError(f"the tokenizer of {source!r} has no pad, eos or unk token to pad with")
+    tok.padding_side = padding_side
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def _quantization_config(cfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = _DTYPES[cfg.quant.compute_dtype] if cfg.quant.compute_dtype else torch_dtype(cfg)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant.quant_type,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # lets FSDP / ZeRO-3 shard the packed weights with the rest
+    )
+
+
+def _device_map(cfg: ModelConfig):
+    if cfg.quantization == "none":
+        return None  # the trainer / accelerate places the model
+    if has_cuda():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}  # one full copy per process (DDP)
+    return {"": "cpu"}
+
+
+def load_base(cfg: ModelConfig, head: str = "causal_lm", path: str | None = None, quantize: bool = True):
+    """Load a base model. ``head``: causal_lm, or reward (a sequence classifier with one output)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = path or resolve_name(cfg.name_or_path)
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(cfg),
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": None if path else cfg.revision,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if quantize and cfg.quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(cfg)
+        kwargs["device_map"] = _device_map(cfg)
+    auto = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+    if head == "reward":
+        kwargs["num_labels"] = 1
+    try:
+        model = auto.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise PipelineError(f"cannot load model {source!r}: {exc}") from None
+    if head == "reward" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    fix_cpu_4bit(model)
+    return model
+
+
+def fix_cpu_4bit(model) -> int:
+    """Keep 4-bit layers trainable on CPU; returns how many layers were patched.
+
+    bitsandbytes repacks 4-bit weights for an AVX512-BF16 inference kernel on the first no-grad eval
+    forward; that kernel has no backward, so from then on LoRA gradients through those layers are
+    silently zero (STACK_NOTES: a gradient norm went 1.31 -> 0.0). Disabling the repack keeps them.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            patched += 1
+    return patched
+
+
+def peft_config(lora: LoraConfig, task: str = "CAUSAL_LM"):
+    import peft
+
+    return peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        bias=lora.bias,
+        task_type=task,  # SEQ_CLS also trains the reward head (modules_to_save)
+    )
+
+
+def add_lora(model, cfg: ModelConfig, lora: LoraConfig, task: str = "CAUSAL_LM"):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return get_peft_model(model, peft_config(lora, task))
+
+
+def load_policy(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None = None, trainable: bool = True):
+    """The causal LM a stage trains or samples from.
+
+    - init None: the recipe's base model, with a fresh LoRA adapter when the recipe has a lora block;
+    - init is an adapter: its base (quantized as the recipe says) with that adapter, trainable or frozen;
+    - init is a full model: that model, with a fresh LoRA adapter when the recipe has a lora block.
+    """
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    if init is not None and init.kind == "adapter":
+        model = load_base(cfg, path=_base_path(init))
+        if trainable and cfg.quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model = PeftModel.from_pretrained(model, init.path, is_trainable=trainable)
+        fix_cpu_4bit(model)
+        return model
+    model = load_base(cfg, path=init.path if init else None)
+    if trainable and lora is not None:
+        model = add_lora(model, cfg, lora)
+    elif trainable and cfg.quantization != "none":
+        raise PipelineError("a quantized model can only be trained through a LoRA adapter; add a 'lora:' block")
+    return model
+
+
+def _base_path(ref: ModelRef) -> str:
+    if ref.base is None:
+        raise PipelineError(f"adapter {ref.path} does not say which base model it belongs to")
+    return resolve_name(ref.base)
+
+
+def save_model(model, tokenizer, out_dir: Path, base: str) -> ModelRef:
+    """Save a trained model (or only its adapter) plus tokenizer; returns the reference for the manifest."""
+    from peft import PeftModel
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if isinstance(model, PeftModel):
+        return ModelRef(path=str(out_dir), kind="adapter", base=base)
+    return ModelRef(path=str(out_dir), kind="full")
+
+
+def adapter_base(path: Path) -> str | None:
+    config = path / "adapter_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("base_model_name_or_path")
+    return None
+
+
+def trainable_summary(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"parameters": int(total), "trainable_parameters": int(trainable)}

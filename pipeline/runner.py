@@ -1,0 +1,188 @@
+"""Running stages: the context a stage sees, manifest bookkeeping, caching by config hash.
+
+``run_stage`` runs one stage in this process (also under ``accelerate launch``: every rank runs it,
+the main process alone writes the manifest). ``run_pipeline`` runs a recipe's stages in order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import Manifest, git_commit, now, package_versions, stage_hash, write_json_atomic, write_text_atomic
+from pipeline.config import Recipe, StageConfig
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+# stage kind -> module with ``run(ctx) -> metrics``
+STAGE_MODULES = {"sft": "pipeline.stages.sft"}
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    name: str
+    cfg: StageConfig
+    run_dir: Path
+    stage_dir: Path
+    seed: int
+    is_main: bool = True
+    world_size: int = 1
+    process_index: int = 0
+    show_progress: bool = False
+    # filled by the stage: name -> path or structured reference, recorded in the manifest
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(self.run_dir)
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def upstream_entry(self, stage: str) -> dict[str, Any]:
+        entry = self.manifest.stage(stage)
+        if entry.get("status") != "done":
+            raise PipelineError(_not_done(self.name, stage, entry))
+        return entry
+
+    def model_of(self, stage: str | None):
+        """The model an earlier stage produced, or None when ``stage`` is None."""
+        if stage is None:
+            return None
+        from pipeline.modeling import ModelRef
+
+        return ModelRef.from_dict(self.upstream_entry(stage)["outputs"]["model"])
+
+
+def _not_done(consumer: str, stage: str, entry: dict[str, Any]) -> str:
+    status = entry.get("status", "not run")
+    return (
+        f"stage {consumer!r} needs the output of stage {stage!r}, which is {status} in this run directory; "
+        f"run it first (pipeline run RECIPE --stages {stage},{consumer}) or point --output-dir at the run that has it"
+    )
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()  # per-shard load/save bars drown the useful lines
+
+
+def _hash_for(recipe: Recipe, name: str, manifest: Manifest) -> tuple[str, dict[str, str]]:
+    upstream: dict[str, str] = {}
+    for target in recipe.stages[name].upstream().values():
+        entry = manifest.stage(target)
+        if entry.get("status") != "done":
+            raise PipelineError(_not_done(name, target, entry))
+        upstream[target] = entry["config_hash"]
+    return stage_hash(recipe, name, upstream), upstream
+
+
+def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
+    """Run one stage in this process; returns its manifest entry."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    _quiet_libraries()
+    state = PartialState()
+    cfg = recipe.stage(name)
+    manifest = Manifest(run_dir)
+    digest, upstream = _hash_for(recipe, name, manifest)
+    seed = cfg.seed if cfg.seed is not None else recipe.seed
+    ctx = StageContext(
+        recipe=recipe,
+        name=name,
+        cfg=cfg,
+        run_dir=run_dir,
+        stage_dir=run_dir / name,
+        seed=seed,
+        is_main=state.is_main_process,
+        world_size=state.num_processes,
+        process_index=state.process_index,
+        show_progress=sys.stderr.isatty(),
+    )
+    started = time.time()
+    if ctx.is_main:
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(ctx.stage_dir / "recipe.yaml", recipe.resolved_yaml())
+        manifest.update_stage(
+            recipe, name, kind=cfg.kind, status="running", config_hash=digest, upstream=upstream,
+            started_at=now(), ended_at=None, duration_s=None, error=None, world_size=state.num_processes,
+            outputs={}, metrics={}, versions=package_versions(), git_commit=git_commit(),
+        )
+    state.wait_for_everyone()
+    from pipeline.tracking import tracked
+
+    try:
+        with tracked(recipe, name, ctx.stage_dir, ctx.is_main, say=ctx.say) as tracker:
+            set_seed(seed)
+            module = importlib.import_module(STAGE_MODULES[cfg.kind])
+            metrics = module.run(ctx)
+    except BaseException as exc:
+        if ctx.is_main:
+            reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                reason = "interrupted"
+            manifest.update_stage(recipe, name, status="failed", error=reason, ended_at=now(), duration_s=round(time.time() - started, 2))
+            if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
+                (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
+        raise
+    duration = round(time.time() - started, 2)
+    if ctx.is_main:
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        write_json_atomic(ctx.stage_dir / "metrics.json", metrics)
+        manifest.update_stage(
+            recipe, name, status="done", metrics=metrics, outputs=ctx.outputs, tracker=tracker,
+            ended_at=now(), duration_s=duration,
+        )
+    state.wait_for_everyone()
+    return manifest.stage(name)
+
+
+def is_cached(recipe: Recipe, name: str, run_dir: Path) -> bool:
+    """A stage is skipped when a ``done`` entry has the same config hash (settings, data, upstream)."""
+    manifest = Manifest(run_dir)
+    entry = manifest.stage(name)
+    if entry.get("status") != "done":
+        return False
+    try:
+        digest, _ = _hash_for(recipe, name, manifest)
+    except PipelineError:
+        return False
+    return digest == entry.get("config_hash")
+
+
+def run_pipeline(recipe: Recipe, run_dir: Path, stages: list[str] | None = None, say=print) -> dict[str, Any]:
+    names = stages or list(recipe.stages)
+    for name in names:
+        recipe.stage(name)  # unknown names fail before anything runs
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
+    for name in names:
+        if is_cached(recipe, name, run_dir):
+            say(f"[{name}] cached: same settings, data and upstream as the finished run; skipped")
+            continue
+        say(f"[{name}] running ({recipe.stages[name].kind})")
+        entry = run_stage(recipe, name, run_dir)
+        say(f"[{name}] done in {entry['duration_s']:.1f}s: " + json.dumps(_headline(entry.get("metrics", {}))))
+    return Manifest(run_dir).read()
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = [k for k in metrics if isinstance(metrics[k], (int, float)) and not k.endswith("parameters")]
+    return {k: round(metrics[k], 4) if isinstance(metrics[k], float) else metrics[k] for k in keys[:8]}

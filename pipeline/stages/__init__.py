@@ -1,0 +1,1 @@
+"""One small module per stage kind; each exposes ``run(ctx) -> metrics``."""

@@ -1,0 +1,130 @@
+"""Our small TrainConfig -> TRL ``*Config`` classes, and one fit() shared by the training stages.
+
+The only module where TRL/transformers training-argument names appear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import modeling
+from pipeline.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        if modeling.has_cuda():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision in ("bf16", "fp16") and not modeling.has_cuda() and precision == "fp16":
+        raise RecipeError("train.precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def trl_args(config_cls, ctx, **stage_specific: Any):
+    """Build a TRL config (SFTConfig, RewardConfig, DPOConfig...) from the stage's ``train`` block."""
+    train = ctx.cfg.train
+    report_to = [r for r in ctx.recipe.tracking.report_to if r != "none"]
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ctx.stage_dir / "checkpoints"),
+        run_name=f"{ctx.recipe.name}-{ctx.name}",
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.eval_batch_size or train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        warmup_steps=train.warmup,  # < 1 is a fraction of training in transformers 5
+        lr_scheduler_type=train.lr_scheduler,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optim,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        activation_checkpointing=ctx.recipe.model.gradient_checkpointing,
+        use_cpu=not modeling.has_cuda(),
+        report_to=report_to or "none",
+        disable_tqdm=not ctx.show_progress,
+        dataloader_num_workers=0,
+        **precision_flags(train.precision),
+    )
+    if ctx.recipe.model.gradient_checkpointing:
+        kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    kwargs.update(stage_specific)
+    kwargs.update(_checked_extra(config_cls, train.trainer_extra, ctx.name))
+    return config_cls(**kwargs)
+
+
+def _checked_extra(config_cls, extra: dict[str, Any], stage: str) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for key in extra:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"stages.{stage}.train.trainer_extra.{key}: not a field of TRL's {config_cls.__name__}{hint}")
+    return dict(extra)
+
+
+def fit(trainer, ctx) -> dict[str, Any]:
+    """Train with resume from the last checkpoint, evaluate before and after, save the final model.
+
+    Returns the metrics; the model is written to ``<stage_dir>/model`` (adapter or full weights).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = Path(trainer.args.output_dir)
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    metrics: dict[str, Any] = {}
+    initial_eval = ckpt_dir / "initial_eval.json"
+    if trainer.eval_dataset is not None:
+        if last and initial_eval.is_file():
+            metrics["eval_loss_before"] = json.loads(initial_eval.read_text())["eval_loss"]
+        else:
+            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+            if ctx.is_main:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                initial_eval.write_text(json.dumps({"eval_loss": metrics["eval_loss_before"]}))
+    if last:
+        log.info("resuming %s from %s", ctx.name, last)
+        metrics["resumed_from"] = Path(last).name
+    result = trainer.train(resume_from_checkpoint=last)
+    metrics.update(
+        train_loss=result.training_loss,
+        steps=result.global_step,
+        train_runtime_s=round(result.metrics.get("train_runtime", 0.0), 2),
+    )
+    if trainer.eval_dataset is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    model_dir = ctx.stage_dir / "model"
+    trainer.save_model(str(model_dir))  # gathers ZeRO-3 / FSDP shards; adapters only for PEFT models
+    if ctx.is_main:
+        trainer.processing_class.save_pretrained(str(model_dir))
+        (ctx.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    metrics.update(modeling.trainable_summary(trainer.model))
+    ctx.outputs["model"] = model_ref(trainer.model, model_dir, ctx.recipe.model.name_or_path).as_dict()
+    return metrics
+
+
+def model_ref(model, model_dir: Path, base: str) -> "modeling.ModelRef":
+    from peft import PeftModel
+
+    unwrapped = getattr(model, "module", model)
+    if isinstance(unwrapped, PeftModel):
+        return modeling.ModelRef(path=str(model_dir), kind="adapter", base=base)
+    return modeling.ModelRef(path=str(model_dir), kind="full")
