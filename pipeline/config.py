@@ -387,6 +387,8 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     recipe = fix(recipe)
     if recipe.launch and not Path(recipe.launch).is_absolute():
         recipe = recipe.model_copy(update={"launch": str((base_dir / recipe.launch).resolve())})
+    if recipe.launch and not Path(recipe.launch).is_file():
+        raise RecipeError(f"launch: accelerate config file not found: {recipe.launch} (relative paths are relative to the recipe file)")
     name = recipe.model.name_or_path
     if name.startswith((".", "/")) or (not name.startswith("builtin:") and (base_dir / name).is_dir()):
         local = Path(name) if Path(name).is_absolute() else (base_dir / name).resolve()

@@ -93,6 +93,25 @@ def _hash_for(recipe: Recipe, name: str, manifest: Manifest) -> tuple[str, dict[
     return stage_hash(recipe, name, upstream), upstream
 
 
+def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
+    from accelerate import PartialState
+
+    state = PartialState()
+    cfg = recipe.stage(name)
+    return StageContext(
+        recipe=recipe,
+        name=name,
+        cfg=cfg,
+        run_dir=run_dir,
+        stage_dir=run_dir / name,
+        seed=cfg.seed if cfg.seed is not None else recipe.seed,
+        is_main=state.is_main_process,
+        world_size=state.num_processes,
+        process_index=state.process_index,
+        show_progress=sys.stderr.isatty(),
+    )
+
+
 def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     """Run one stage in this process; returns its manifest entry."""
     from accelerate import PartialState
@@ -100,22 +119,10 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
 
     _quiet_libraries()
     state = PartialState()
-    cfg = recipe.stage(name)
     manifest = Manifest(run_dir)
     digest, upstream = _hash_for(recipe, name, manifest)
-    seed = cfg.seed if cfg.seed is not None else recipe.seed
-    ctx = StageContext(
-        recipe=recipe,
-        name=name,
-        cfg=cfg,
-        run_dir=run_dir,
-        stage_dir=run_dir / name,
-        seed=seed,
-        is_main=state.is_main_process,
-        world_size=state.num_processes,
-        process_index=state.process_index,
-        show_progress=sys.stderr.isatty(),
-    )
+    ctx = make_context(recipe, name, run_dir)
+    cfg, seed = ctx.cfg, ctx.seed
     started = time.time()
     if ctx.is_main:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)

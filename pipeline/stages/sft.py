@@ -11,6 +11,13 @@ from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
 
 
 def run(ctx) -> dict[str, Any]:
+    trainer, summary = build_trainer(ctx)
+    metrics = training.fit(trainer, ctx)
+    metrics.update(train_rows=summary["train"]["kept"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
+    return metrics
+
+
+def build_trainer(ctx):
     from trl import SFTConfig, SFTTrainer
 
     cfg, recipe = ctx.cfg, ctx.recipe
@@ -26,9 +33,7 @@ def run(ctx) -> dict[str, Any]:
         packing=False,  # padding-free packing is slow on CPU SDPA (STACK_NOTES); opt in via trainer_extra
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
-    metrics = training.fit(trainer, ctx)
-    metrics.update(train_rows=summary["train"]["kept"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
-    return metrics
+    return trainer, summary
 
 
 def prepare_data(ctx, tokenizer):

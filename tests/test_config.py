@@ -1,0 +1,126 @@
+"""Recipes: every shipped recipe validates; bad recipes are refused with messages that say what to fix."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BASE_RECIPE, REPO, merge, run_cli
+from pipeline.config import load_recipe, recipe_from_dict
+from pipeline.errors import RecipeError
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_config_imports_without_torch():
+    import subprocess
+
+    code = "import pipeline.config, pipeline.data.sft, pipeline.artifacts, pipeline.tinytasks, sys; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO)) for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.stages
+    # data paths are resolved to absolute paths relative to the recipe file
+    for stage in recipe.stages.values():
+        data = getattr(stage, "data", None)
+        if data is not None and data.train.path:
+            assert Path(data.train.path).is_absolute()
+
+
+def test_at_least_two_real_model_recipes():
+    real = [p for p in RECIPES if not load_recipe(p).model.name_or_path.startswith("builtin:")]
+    assert len(real) >= 2, real
+
+
+def test_cli_validate_demo_exits_zero_and_prints_resolved():
+    out = run_cli("validate", "recipes/demo.yaml")
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert resolved["stages"]["sft"]["train"]["learning_rate"] > 0
+    assert resolved["model"]["quantization"] == "none"
+
+
+def test_cli_validate_typo_in_override_names_key_and_suggests():
+    out = run_cli("validate", "recipes/demo.yaml", "--set", "stages.sft.train.learnig_rate=1e-4")
+    assert out.returncode != 0
+    assert "stages.sft.train.learnig_rate" in out.stderr
+    assert "learning_rate" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_override_is_applied_and_type_checked(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE_RECIPE))
+    recipe = load_recipe(path, ["stages.sft.train.learning_rate=1e-5", "model.quantization=4bit", "lora.r=4"])
+    assert recipe.stages["sft"].train.learning_rate == 1e-5
+    assert recipe.lora.r == 4 and recipe.model.quantization == "4bit"
+    with pytest.raises(RecipeError, match=r"stages\.sft\.train\.batch_size: .*integer"):
+        load_recipe(path, ["stages.sft.train.batch_size=many"])
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = recipe_from_dict(BASE_RECIPE)
+    again = recipe_from_dict(yaml.safe_load(recipe.resolved_yaml()))
+    assert again.resolved_dict() == recipe.resolved_dict()
+
+
+BAD_RECIPES = [
+    ({"model": {"dtyp": "float32"}}, [r"model\.dtyp: unknown key", "'dtype'"]),
+    ({"stages": {"sft": {"train": {"learnig_rate": 1e-4}}}}, [r"stages\.sft\.train\.learnig_rate: unknown key", "'learning_rate'"]),
+    ({"model": {"quantization": "3bit"}}, [r"model\.quantization:", "'none', '4bit' or '8bit'"]),
+    ({"model": {"quantization": "4bit"}}, [r"model\.quantization: 4bit needs a 'lora:' block"]),
+    ({"stages": {"sft": {"train": {"batch_size": 0}}}}, [r"stages\.sft\.train\.batch_size: .*greater than 0"]),
+    ({"stages": {"sft": {"data": {"template": "vicuna"}}}}, [r"stages\.sft\.data\.template:", "'alpaca' or 'chat'"]),
+    ({"stages": {"sft": {"data": {"overlength": "cut"}}}}, [r"stages\.sft\.data\.overlength:", "'truncate', 'drop' or 'error'"]),
+    ({"stages": {"sft": {"data": {"train": {"hub": "tatsu-lab/alpaca"}}}}}, [r"stages\.sft\.data\.train: .*exactly one of 'path'"]),
+    ({"stages": {"sft": {"data": {"train": {"path": "rows.txt"}}}}}, [r"unsupported file type; use \.json, \.jsonl, \.csv or \.parquet"]),
+    ({"stages": {"polish": {"kind": "sfft", "data": {"train": {"path": "a.jsonl"}}}}}, [r"stages\.polish\.kind: unknown stage kind 'sfft'", "'sft'"]),
+    ({"stages": {"again": {"kind": "sft", "init_from": "sfy", "data": {"train": {"path": "a.jsonl"}}}}}, [r"stages\.again\.init_from: no stage named 'sfy'", "'sft'"]),
+    ({"tracking": {"report_to": ["none", "wandb"]}}, ["'none' cannot be combined"]),
+    ({"name": "my run!"}, [r"name: String should match pattern"]),
+    ({"lora": {"r": 0}}, [r"lora\.r: .*greater than 0"]),
+    ({"stages": {"sft": {"data": {"eval_fraction": 1.5}}}}, [r"stages\.sft\.data\.eval_fraction: .*less than 1"]),
+]
+
+
+@pytest.mark.parametrize("extra,patterns", BAD_RECIPES, ids=[p[0] for _, p in BAD_RECIPES])
+def test_bad_recipe_messages(extra, patterns):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(merge(BASE_RECIPE, extra))
+    message = str(info.value)
+    for pattern in patterns:
+        assert __import__("re").search(pattern, message), f"{pattern!r} not in:\n{message}"
+
+
+def test_init_from_must_name_an_earlier_stage():
+    raw = merge(BASE_RECIPE, {})
+    raw["stages"] = {"second": {"kind": "sft", "init_from": "sft", "data": raw["stages"]["sft"]["data"]}, **raw["stages"]}
+    with pytest.raises(RecipeError, match=r"stages\.second\.init_from: stage 'sft' must come before 'second'"):
+        recipe_from_dict(raw)
+
+
+def test_missing_stages_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="stages: required"):
+        recipe_from_dict({"name": "x"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml: not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_override_into_a_value_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE_RECIPE))
+    with pytest.raises(RecipeError, match=r"model\.dtype is a value, not a section"):
+        load_recipe(path, ["model.dtype.x=1"])
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe(path, ["learning_rate"])
