@@ -234,6 +234,8 @@ def adapter_base(path: Path) -> str | None:
 
 
 def trainable_summary(model) -> dict[str, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ds_numel: the full size of a parameter DeepSpeed ZeRO-3 has sharded across ranks
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    total = sum(size(p) for p in model.parameters())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return {"parameters": int(total), "trainable_parameters": int(trainable)}

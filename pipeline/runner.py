@@ -93,10 +93,33 @@ def _hash_for(recipe: Recipe, name: str, manifest: Manifest) -> tuple[str, dict[
     return stage_hash(recipe, name, upstream), upstream
 
 
-def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
-    from accelerate import PartialState
+def distributed_state():
+    """The process group for this process.
 
-    state = PartialState()
+    Without CUDA it must be created with cpu=True, or each rank of a 2-process CPU launch silently runs
+    alone (world size 1) -- except under DeepSpeed, which cpu=True silently turns into plain DDP.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import str_to_bool
+
+    if torch.cuda.is_available():
+        state = PartialState()
+    elif str_to_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        state = PartialState(backend="gloo")  # DeepSpeed on CPU: its own process group, over gloo
+    else:
+        state = PartialState(cpu=True)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise PipelineError(
+            f"the launcher started {launched} processes but this one joined a group of {state.num_processes}; "
+            "each would train alone. On CPU use launch/cpu_2proc.yaml (not --cpu); see launch/README.md"
+        )
+    return state
+
+
+def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
+    state = distributed_state()
     cfg = recipe.stage(name)
     return StageContext(
         recipe=recipe,
@@ -114,11 +137,10 @@ def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
 
 def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     """Run one stage in this process; returns its manifest entry."""
-    from accelerate import PartialState
     from transformers import set_seed
 
     _quiet_libraries()
-    state = PartialState()
+    state = distributed_state()
     manifest = Manifest(run_dir)
     digest, upstream = _hash_for(recipe, name, manifest)
     ctx = make_context(recipe, name, run_dir)
@@ -130,6 +152,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
         manifest.update_stage(
             recipe, name, kind=cfg.kind, status="running", config_hash=digest, upstream=upstream,
             started_at=now(), ended_at=None, duration_s=None, error=None, world_size=state.num_processes,
+            distributed_type=str(state.distributed_type.value if hasattr(state.distributed_type, 'value') else state.distributed_type),
             outputs={}, metrics={}, versions=package_versions(), git_commit=git_commit(),
         )
     state.wait_for_everyone()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipeline import modeling
+from pipeline.artifacts import write_json_atomic
 from pipeline.errors import RecipeError
 
 log = logging.getLogger(__name__)
@@ -92,18 +93,18 @@ def fit(trainer, ctx) -> dict[str, Any]:
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     metrics: dict[str, Any] = {}
     initial_eval = ckpt_dir / "initial_eval.json"
-    if trainer.eval_dataset is not None:
-        if last and initial_eval.is_file():
-            metrics["eval_loss_before"] = json.loads(initial_eval.read_text())["eval_loss"]
-        else:
-            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-            if ctx.is_main:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                initial_eval.write_text(json.dumps({"eval_loss": metrics["eval_loss_before"]}))
+    has_eval = trainer.eval_dataset is not None
+    # The before-training eval runs inside train() (eval_on_start): under DeepSpeed ZeRO-1/2 an
+    # evaluate() before train() fails ("ZeRO inference only makes sense with ZeRO Stage 3").
+    trainer.args.eval_on_start = has_eval and not (last and initial_eval.is_file())
+    if trainer.args.eval_on_start:
+        trainer.add_callback(_KeepInitialEval(initial_eval, ctx.is_main))
     if last:
         log.info("resuming %s from %s", ctx.name, last)
         metrics["resumed_from"] = Path(last).name
     result = trainer.train(resume_from_checkpoint=last)
+    if has_eval:
+        metrics["eval_loss_before"] = json.loads(initial_eval.read_text())["eval_loss"] if initial_eval.is_file() else None
     metrics.update(
         train_loss=result.training_loss,
         steps=result.global_step,
@@ -119,6 +120,20 @@ def fit(trainer, ctx) -> dict[str, Any]:
     metrics.update(modeling.trainable_summary(trainer.model))
     ctx.outputs["model"] = model_ref(trainer.model, model_dir, ctx.recipe.model.name_or_path).as_dict()
     return metrics
+
+
+class _KeepInitialEval:
+    """Saves the step-0 eval loss as soon as it exists, so a resumed run still reports 'before' correctly."""
+
+    def __new__(cls, path: Path, is_main: bool):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                if is_main and state.global_step == 0 and metrics and "eval_loss" in metrics:
+                    write_json_atomic(path, {"eval_loss": metrics["eval_loss"]})
+
+        return Callback()
 
 
 def model_ref(model, model_dir: Path, base: str) -> "modeling.ModelRef":

@@ -24,7 +24,7 @@ def build_trainer(ctx):
     init = ctx.model_of(cfg.init_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=init.path if init else None)
     train_ds, eval_ds, summary = prepare_data(ctx, tokenizer)
-    model = modeling.load_policy(recipe.model, recipe.lora, init=init)
+    # Args before the model: under DeepSpeed ZeRO-3 they make from_pretrained load sharded (zero3_init).
     args = training.trl_args(
         SFTConfig,
         ctx,
@@ -32,6 +32,7 @@ def build_trainer(ctx):
         completion_only_loss=True,  # prompt/completion data: loss on the response tokens only
         packing=False,  # padding-free packing is slow on CPU SDPA (STACK_NOTES); opt in via trainer_extra
     )
+    model = modeling.load_policy(recipe.model, recipe.lora, init=init)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
     return trainer, summary
 
