@@ -70,7 +70,7 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_lora_and_qlora_train_adapter_only(make_recipe, tmp_path, monkeypatch, quantization):
     recipe = load_recipe(make_recipe({"model": {"quantization": quantization}, "lora": {"r": 8, "alpha": 16}}))
     spy = ModelSpy(monkeypatch)
@@ -220,6 +220,34 @@ def test_real_alpaca_seed_tasks_train_through_a_recipe(make_recipe, tmp_path):
     assert summary["train"]["rows"] + summary["eval"]["rows"] == 175
     assert summary["train"]["truncated"] > 0  # real outputs are long: the policy is exercised and counted
     assert entry["metrics"]["eval_loss"] < entry["metrics"]["eval_loss_before"]
+
+
+def test_chat_template_sft_on_messages_data(make_recipe, tmp_path):
+    rows = [json.loads(line) for line in (Path(__file__).parent.parent / "data/tiny/sft_train.jsonl").read_text().splitlines()[:96]]
+    messages = tmp_path / "chat.jsonl"
+    messages.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": f"{r['instruction']} {r['input']}".strip()},
+        {"role": "assistant", "content": r["output"]}]}) + "\n" for r in rows))
+    recipe = load_recipe(make_recipe({"stages": {"sft": {"data": {
+        "train": {"path": str(messages)}, "eval": None, "eval_fraction": 0.25, "template": "chat"}}}}))
+    ctx = runner.make_context(recipe, "sft", tmp_path / "run")
+    ctx.is_main = False
+    from pipeline.stages import sft
+
+    trainer, summary = sft.build_trainer(ctx)
+    assert summary["format"] == "messages" and summary["train"]["kept"] == 72 and summary["eval"]["kept"] == 24
+    batch = next(iter(trainer.get_train_dataloader()))
+    tok = trainer.processing_class
+    replies = {r["output"] for r in rows}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        learned = tok.decode(ids[labels != -100])
+        # Only the assistant's reply (and the end-of-turn token) carry loss, never the system or user turn.
+        assert learned.replace("<|eos|>", "").strip() in replies, learned
+        assert "<|user|>" not in learned and "<|system|>" not in learned and "Answer briefly" not in learned
+        assert learned.endswith("<|eos|>") or learned.endswith("<|eos|>\n")
+    entry = runner.run_stage(recipe, "sft", tmp_path / "run2")
+    assert entry["status"] == "done" and entry["metrics"]["eval_loss"] < entry["metrics"]["eval_loss_before"]
 
 
 def test_bad_data_fails_before_training_with_a_clear_message(make_recipe, tmp_path):
