@@ -16,6 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from pipeline.config import Recipe, config_hash
 
 MANIFEST = "manifest.json"
@@ -89,7 +91,7 @@ def data_fingerprints(stage_cfg) -> dict[str, str]:
             else:
                 found[f"hub:{node.hub}/{node.subset}[{node.split}]"] = "hub"
             return
-        if hasattr(node, "model_fields"):
+        if isinstance(node, BaseModel):
             for field in type(node).model_fields:
                 walk(getattr(node, field))
         elif isinstance(node, dict):

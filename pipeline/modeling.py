@@ -5,7 +5,6 @@ The only module that touches peft and bitsandbytes, so every stage loads models 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -214,23 +213,14 @@ def _base_path(ref: ModelRef) -> str:
     return resolve_name(ref.base)
 
 
-def save_model(model, tokenizer, out_dir: Path, base: str) -> ModelRef:
-    """Save a trained model (or only its adapter) plus tokenizer; returns the reference for the manifest."""
+def saved_ref(model, model_dir: Path, base: str) -> ModelRef:
+    """How a model saved to ``model_dir`` (by the trainer) is handed to later stages."""
     from peft import PeftModel
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    if isinstance(model, PeftModel):
-        return ModelRef(path=str(out_dir), kind="adapter", base=base)
-    return ModelRef(path=str(out_dir), kind="full")
-
-
-def adapter_base(path: Path) -> str | None:
-    config = path / "adapter_config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("base_model_name_or_path")
-    return None
+    unwrapped = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    if isinstance(unwrapped, PeftModel):
+        return ModelRef(path=str(model_dir), kind="adapter", base=base)
+    return ModelRef(path=str(model_dir), kind="full")
 
 
 def trainable_summary(model) -> dict[str, int]:

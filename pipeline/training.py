@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from pipeline import modeling
 from pipeline.artifacts import write_json_atomic
@@ -27,7 +28,7 @@ def precision_flags(precision: str) -> dict[str, bool]:
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "fp32"
-    if precision in ("bf16", "fp16") and not modeling.has_cuda() and precision == "fp16":
+    if precision == "fp16" and not modeling.has_cuda():
         raise RecipeError("train.precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
@@ -98,7 +99,7 @@ def fit(trainer, ctx) -> dict[str, Any]:
     # evaluate() before train() fails ("ZeRO inference only makes sense with ZeRO Stage 3").
     trainer.args.eval_on_start = has_eval and not (last and initial_eval.is_file())
     if trainer.args.eval_on_start:
-        trainer.add_callback(_KeepInitialEval(initial_eval, ctx.is_main))
+        trainer.add_callback(KeepInitialEval(initial_eval, ctx.is_main))
     if last:
         log.info("resuming %s from %s", ctx.name, last)
         metrics["resumed_from"] = Path(last).name
@@ -118,28 +119,16 @@ def fit(trainer, ctx) -> dict[str, Any]:
         trainer.processing_class.save_pretrained(str(model_dir))
         (ctx.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     metrics.update(modeling.trainable_summary(trainer.model))
-    ctx.outputs["model"] = model_ref(trainer.model, model_dir, ctx.recipe.model.name_or_path).as_dict()
+    ctx.outputs["model"] = modeling.saved_ref(trainer.model, model_dir, ctx.recipe.model.name_or_path).as_dict()
     return metrics
 
 
-class _KeepInitialEval:
+class KeepInitialEval(TrainerCallback):
     """Saves the step-0 eval loss as soon as it exists, so a resumed run still reports 'before' correctly."""
 
-    def __new__(cls, path: Path, is_main: bool):
-        from transformers import TrainerCallback
+    def __init__(self, path: Path, is_main: bool):
+        self.path, self.is_main = path, is_main
 
-        class Callback(TrainerCallback):
-            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                if is_main and state.global_step == 0 and metrics and "eval_loss" in metrics:
-                    write_json_atomic(path, {"eval_loss": metrics["eval_loss"]})
-
-        return Callback()
-
-
-def model_ref(model, model_dir: Path, base: str) -> "modeling.ModelRef":
-    from peft import PeftModel
-
-    unwrapped = getattr(model, "module", model)
-    if isinstance(unwrapped, PeftModel):
-        return modeling.ModelRef(path=str(model_dir), kind="adapter", base=base)
-    return modeling.ModelRef(path=str(model_dir), kind="full")
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.is_main and state.global_step == 0 and metrics and "eval_loss" in metrics:
+            write_json_atomic(self.path, {"eval_loss": metrics["eval_loss"]})
