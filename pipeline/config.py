@@ -117,17 +117,23 @@ class DataSource(_Strict):
 
     path: str | None = Field(None, description="Local file; relative paths are relative to the recipe file.")
     hub: str | None = Field(None, description="Hugging Face dataset id (needs network access).")
+    from_stage: str | None = Field(None, description="An earlier stage's output, e.g. the best-of-n stage's 'best'.")
+    output: str | None = Field(None, description="Which output of from_stage: best (default) or pairs.")
     subset: str | None = None
     split: str = "train"
-    format: Literal["auto", "alpaca", "messages", "prompt_completion"] = "auto"
+    format: Literal["auto", "alpaca", "messages", "prompt_completion", "prompts"] = "auto"
     # canonical name -> column name in the file, e.g. {instruction: question, output: answer}
     columns: dict[str, str] = {}
     limit: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _exactly_one_origin(self) -> "DataSource":
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of 'path' (a local file) or 'hub' (a dataset id)")
+        if sum(x is not None for x in (self.path, self.hub, self.from_stage)) != 1:
+            raise ValueError("give exactly one of 'path' (a local file), 'hub' (a dataset id) or 'from_stage' (an earlier stage)")
+        if self.output is not None and self.from_stage is None:
+            raise ValueError("'output' only applies with 'from_stage'")
+        if self.output is not None and self.output not in ("best", "pairs"):
+            raise ValueError(f"output {self.output!r}: a best-of-n stage writes 'best' and 'pairs'")
         if self.path is not None and Path(self.path).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
             raise ValueError(
                 f"path {self.path!r}: unsupported file type; use .json, .jsonl, .csv or .parquet"
@@ -135,6 +141,8 @@ class DataSource(_Strict):
         return self
 
     def describe(self) -> str:
+        if self.from_stage is not None:
+            return f"stage:{self.from_stage}/{self.output or 'best'}"
         return self.path if self.path is not None else f"hub:{self.hub}[{self.split}]"
 
 
@@ -190,13 +198,24 @@ class StageConfig(_Strict):
     seed: int | None = Field(None, description="Overrides the recipe seed for this stage.")
 
     def upstream(self) -> dict[str, str]:
-        """field name -> the stage it takes output from."""
-        return {f: getattr(self, f) for f in self.FROM_FIELDS if getattr(self, f, None)}
+        """field path (dotted) -> the stage it takes output from."""
+        found = {}
+        for path in self.FROM_FIELDS:
+            node: Any = self
+            for part in path.split("."):
+                node = getattr(node, part, None)
+            if node:
+                found[path] = node
+        return found
 
 
 class SFTStage(StageConfig):
     KIND: ClassVar[str] = "sft"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"init_from": ("sft",)}
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "init_from": ("sft",),
+        "data.train.from_stage": ("bon",),  # rejection-sampling fine-tuning: SFT on best-of-n's best
+        "data.eval.from_stage": ("bon",),
+    }
 
     kind: Literal["sft"] = "sft"
     data: SFTDataConfig
@@ -204,7 +223,62 @@ class SFTStage(StageConfig):
     init_from: str | None = Field(None, description="Continue from the model of an earlier sft stage.")
 
 
-STAGE_TYPES: dict[str, type[StageConfig]] = {"sft": SFTStage}
+_FUNCTION_REF = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+
+
+def _check_function_ref(ref: str) -> str:
+    import re
+
+    if not re.match(_FUNCTION_REF, ref):
+        raise ValueError(f"{ref!r} is not module:function, e.g. 'pipeline.tinytasks:preferred' or 'mychecks:is_correct'")
+    return ref
+
+
+class ScorerConfig(_Strict):
+    """How candidates are scored: a checker function (verifiable rewards)."""
+
+    checker: str = Field(..., description="module:function(row, response) -> float | bool")
+
+    _ref = field_validator("checker")(classmethod(lambda cls, v: _check_function_ref(v)))
+
+
+class SelectConfig(_Strict):
+    top_k: int = Field(1, gt=0, description="Responses kept per prompt in 'best' (1: the best one).")
+    min_score: float | None = Field(None, description="Best responses scoring below this are not kept.")
+    min_margin: float = Field(0.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
+
+
+class BonStage(StageConfig):
+    """Best-of-n: the policy samples n responses per prompt, a scorer scores them, selection keeps
+    the best as SFT rows and best-vs-worst as preference pairs."""
+
+    KIND: ClassVar[str] = "bon"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",)}
+
+    kind: Literal["bon"] = "bon"
+    policy_from: str = Field(..., description="The sft stage whose model samples.")
+    prompts: DataSource
+    template: Literal["alpaca", "chat"] | None = Field(None, description="Default: the policy stage's template.")
+    n: int = Field(8, gt=0)
+    temperature: float = Field(1.0, ge=0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Prompts per generation batch (each with n samples).")
+    shard_size: int = Field(256, gt=0, description="Prompts per shard; an interrupted run redoes at most one.")
+    scorer: ScorerConfig
+    select: SelectConfig = SelectConfig()
+    # name -> module:function; reported per checker: first-sample rate, best rate, oracle pass@n
+    report: dict[str, str] = {}
+
+    @field_validator("report")
+    @classmethod
+    def _function_refs(cls, value: dict[str, str]) -> dict[str, str]:
+        for ref in value.values():
+            _check_function_ref(ref)
+        return value
+
+
+STAGE_TYPES: dict[str, type[StageConfig]] = {"sft": SFTStage, "bon": BonStage}
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 # stage kind -> module with ``run(ctx) -> metrics``
-STAGE_MODULES = {"sft": "pipeline.stages.sft"}
+STAGE_MODULES = {"sft": "pipeline.stages.sft", "bon": "pipeline.stages.bon"}
 
 
 @dataclass
@@ -39,6 +39,8 @@ class StageContext:
     world_size: int = 1
     process_index: int = 0
     show_progress: bool = False
+    device: Any = "cpu"
+    config_hash: str = ""
     # filled by the stage: name -> path or structured reference, recorded in the manifest
     outputs: dict[str, Any] = field(default_factory=dict)
 
@@ -55,6 +57,22 @@ class StageContext:
         if entry.get("status") != "done":
             raise PipelineError(_not_done(self.name, stage, entry))
         return entry
+
+    def wait(self) -> None:
+        """Barrier across processes (no-op in a single process)."""
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+    def resolve_source(self, source):
+        """A data source that names an earlier stage's output becomes the file that stage wrote."""
+        if source is None or source.from_stage is None:
+            return source
+        outputs = self.upstream_entry(source.from_stage)["outputs"]
+        key = source.output or "best"
+        if key not in outputs:
+            raise PipelineError(f"stage {source.from_stage!r} has no output {key!r}; it has: {', '.join(outputs)}")
+        return source.model_copy(update={"path": outputs[key], "from_stage": None, "output": None})
 
     def model_of(self, stage: str | None):
         """The model an earlier stage produced, or None when ``stage`` is None."""
@@ -132,6 +150,7 @@ def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
         world_size=state.num_processes,
         process_index=state.process_index,
         show_progress=sys.stderr.isatty(),
+        device=state.device,
     )
 
 
@@ -144,6 +163,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     manifest = Manifest(run_dir)
     digest, upstream = _hash_for(recipe, name, manifest)
     ctx = make_context(recipe, name, run_dir)
+    ctx.config_hash = digest
     cfg, seed = ctx.cfg, ctx.seed
     started = time.time()
     if ctx.is_main:
@@ -174,6 +194,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
         raise
     duration = round(time.time() - started, 2)
     if ctx.is_main:
+        prune_superseded(ctx.stage_dir, digest)
         metrics = {k: v for k, v in metrics.items() if v is not None}
         write_json_atomic(ctx.stage_dir / "metrics.json", metrics)
         manifest.update_stage(
@@ -182,6 +203,16 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
         )
     state.wait_for_everyone()
     return manifest.stage(name)
+
+
+def prune_superseded(stage_dir: Path, digest: str) -> None:
+    """Once a stage is done, checkpoints and shards of earlier configurations can never be resumed."""
+    import shutil
+
+    for path in stage_dir.glob("*-*"):
+        prefix, _, key = path.name.partition("-")
+        if path.is_dir() and prefix in ("checkpoints", "shards") and key != digest:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def is_cached(recipe: Recipe, name: str, run_dir: Path) -> bool:

@@ -38,7 +38,8 @@ def trl_args(config_cls, ctx, **stage_specific: Any):
     train = ctx.cfg.train
     report_to = [r for r in ctx.recipe.tracking.report_to if r != "none"]
     kwargs: dict[str, Any] = dict(
-        output_dir=str(ctx.stage_dir / "checkpoints"),
+        # keyed by config hash: changed settings never resume another configuration's checkpoint
+        output_dir=str(ctx.stage_dir / (f"checkpoints-{ctx.config_hash}" if ctx.config_hash else "checkpoints")),
         run_name=f"{ctx.recipe.name}-{ctx.name}",
         seed=ctx.seed,
         data_seed=ctx.seed,

@@ -42,10 +42,11 @@ def prepare_data(ctx, tokenizer):
     import datasets
 
     data = ctx.cfg.data
-    train, fmt = load_sft_examples(data.train, data.template)
+    train_source, eval_source = ctx.resolve_source(data.train), ctx.resolve_source(data.eval)
+    train, fmt = load_sft_examples(train_source, data.template)
     evals: list[Example] = []
-    if data.eval is not None:
-        evals, _ = load_sft_examples(data.eval, data.template)
+    if eval_source is not None:
+        evals, _ = load_sft_examples(eval_source, data.template)
     elif data.eval_fraction > 0:
         rng = random.Random(ctx.seed)
         order = list(range(len(train)))
@@ -56,11 +57,11 @@ def prepare_data(ctx, tokenizer):
         train = [ex for i, ex in enumerate(train) if i not in held]
 
     count = token_counter(tokenizer, data.template)
-    train, train_report = apply_length_policy(train, count, data.max_length, data.overlength, data.train.describe())
+    train, train_report = apply_length_policy(train, count, data.max_length, data.overlength, train_source.describe())
     summary: dict[str, Any] = {"format": fmt, "template": data.template, "max_length": data.max_length,
                                "overlength": data.overlength, "train": train_report.as_dict()}
     if evals:
-        source = data.eval.describe() if data.eval else f"{data.train.describe()} (held-out fraction)"
+        source = eval_source.describe() if eval_source else f"{train_source.describe()} (held-out fraction)"
         evals, eval_report = apply_length_policy(evals, count, data.max_length, data.overlength, source)
         summary["eval"] = eval_report.as_dict()
     if ctx.is_main:
@@ -79,8 +80,8 @@ def token_counter(tokenizer, template: str):
             full = tokenizer.apply_chat_template(ex.prompt + ex.completion, tokenize=True)
             prompt, full = _ids(prompt), _ids(full)
             return len(prompt), len(full)
-        prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
-        full = tokenizer(ex.prompt + ex.completion, add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(ex.prompt)["input_ids"]  # as TRL tokenizes text prompts
+        full = tokenizer(ex.prompt + ex.completion)["input_ids"]
         return len(prompt), len(full) + 1
 
     return count

@@ -1,0 +1,81 @@
+"""Prompts for sampling: Alpaca rows (rendered with the SFT template) or plain prompt files.
+
+Each prompt gets a stable ``prompt_id`` (a hash of the rendered prompt), so candidates, shards and
+selections are joined by id, never by position. Duplicate prompts are sampled once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.data.sources import MAX_REPORTED, read_source
+from pipeline.data.templates import render_prompt
+from pipeline.errors import DataError
+
+PROMPT_COLUMNS = ("prompt", "text", "question")  # plain prompt files, e.g. {"question_id", "text", "category"}
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt_id: str
+    prompt: Any  # rendered: text, or chat messages
+    row: dict[str, Any]  # the source row (instruction/input and metadata such as a gold answer)
+
+
+def prompt_id(prompt: Any) -> str:
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
+def load_prompts(source, template: str) -> tuple[list[PromptRecord], dict[str, int]]:
+    rows = read_source(source)
+    columns = set(rows.rows[0])
+    fmt = source.format
+    if fmt == "auto":
+        fmt = "alpaca" if "instruction" in columns else "messages" if "messages" in columns else "prompts"
+    if fmt not in ("alpaca", "prompts", "messages"):
+        raise DataError(f"{rows.source}: format {fmt!r} cannot be used as prompts; use alpaca, messages or prompts")
+    text_column = next((c for c in PROMPT_COLUMNS if c in columns), None)
+    if fmt == "prompts" and text_column is None:
+        raise DataError(
+            f"{rows.source}: no prompt column; expected 'instruction' (Alpaca) or one of {', '.join(PROMPT_COLUMNS)}, "
+            f"found: {', '.join(sorted(columns))}. Map yours with columns: {{prompt: <your column>}}"
+        )
+    records, seen, problems = [], set(), []
+    for i, row in enumerate(rows.rows):
+        try:
+            prompt = _render(row, fmt, text_column, template)
+        except ValueError as exc:
+            problems.append(f"{rows.at(i)}: {exc}")
+            continue
+        pid = prompt_id(prompt)
+        if pid not in seen:
+            seen.add(pid)
+            records.append(PromptRecord(pid, prompt, row))
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise DataError(f"{len(problems)} bad prompt row(s) in {rows.source}:\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
+    return records, {"rows": len(rows), "prompts": len(records), "duplicates": len(rows) - len(records)}
+
+
+def _render(row: dict, fmt: str, text_column: str | None, template: str):
+    if fmt == "alpaca":
+        for key in ("instruction", "input"):
+            value = row.get(key)
+            if key == "instruction" and (not isinstance(value, str) or not value.strip()):
+                raise ValueError("'instruction' must be a non-empty string")
+            if key == "input" and value is not None and not isinstance(value, str):
+                raise ValueError(f"'input' must be a string, got {type(value).__name__}")
+        return render_prompt(row, template)
+    if fmt == "messages":
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
+            raise ValueError("'messages' must be a list of {role, content} ending with the user's turn")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    value = row.get(text_column)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{text_column!r} must be a non-empty string")
+    # A plain prompt is an instruction: rendered with the policy's SFT template, as it was trained.
+    return render_prompt({"instruction": value, "input": ""}, template)
