@@ -86,3 +86,61 @@ def tiny_model_dir():
     from pipeline.tinymodel import tiny_model_path
 
     return tiny_model_path()
+
+
+# A short SFT of the tiny model, trained once per test session and shared by the tests of later stages
+# (which copy its run directory). 300 steps: the policy writes the preferred style sometimes (best-of-8
+# finds it for ~20% of prompts), which is what best-of-n, reward and DPO tests need to move.
+POLICY_RECIPE = {
+    "name": "policy",
+    "seed": 0,
+    "model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32"},
+    "stages": {
+        "sft": {
+            "kind": "sft",
+            "data": {
+                "train": {"path": str(TINY / "sft_train.jsonl")},
+                "eval": {"path": str(TINY / "sft_eval.jsonl"), "limit": 40},
+                "max_length": 128,
+            },
+            "train": {"learning_rate": 3e-3, "max_steps": 300, "batch_size": 32, "warmup": 0.05,
+                      "logging_steps": 50, "save_steps": 300, "precision": "fp32"},
+        },
+        "label": {
+            "kind": "bon",
+            "policy_from": "sft",
+            "prompts": {"path": str(TINY / "prompts_label.jsonl"), "limit": 240},
+            "n": 8,
+            "max_new_tokens": 24,
+            "shard_size": 60,
+            "scorer": {"checker": "pipeline.tinytasks:preferred"},
+            "report": {"preferred": "pipeline.tinytasks:preferred", "correct": "pipeline.tinytasks:answer_correct"},
+        },
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def policy_run(tmp_path_factory):
+    """(recipe path, run dir) with the sft stage of POLICY_RECIPE done. Copy the run dir before writing."""
+    from pipeline import runner
+    from pipeline.config import load_recipe
+
+    root = tmp_path_factory.mktemp("policy")
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(POLICY_RECIPE, sort_keys=False))
+    run_dir = root / "run"
+    entry = runner.run_stage(load_recipe(path), "sft", run_dir)
+    assert entry["status"] == "done"
+    return path, run_dir
+
+
+@pytest.fixture
+def policy_copy(policy_run, tmp_path):
+    """A private copy of the trained policy's run directory: (recipe path, run dir)."""
+    import shutil
+
+    path, run_dir = policy_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return path, copy

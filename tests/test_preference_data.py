@@ -316,7 +316,7 @@ BAD_FILES = {
     "ranked_responses_not_list": ([GOOD_RANKED, {"prompt": "p", "responses": "a|b", "scores": [1, 0]}],
                                   "'responses' must be a list of strings, got str"),
     "mixed_shapes": ([GOOD_EXPLICIT, {"prompt": [user("p")], "chosen": "a", "rejected": "b"}],
-                     f"this row is conversational but {{file}} row 1 (line 1) is text"),
+                     "this row is conversational but {file} row 1 (line 1) is text"),
 }
 
 
