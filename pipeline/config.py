@@ -121,7 +121,10 @@ class DataSource(_Strict):
     output: str | None = Field(None, description="Which output of from_stage: best (default) or pairs.")
     subset: str | None = None
     split: str = "train"
-    format: Literal["auto", "alpaca", "messages", "prompt_completion", "prompts"] = "auto"
+    format: Literal[
+        "auto", "alpaca", "messages", "prompt_completion", "prompts",  # instruction data and prompts
+        "explicit", "conversational", "implicit", "ranked",  # preference data
+    ] = "auto"
     # canonical name -> column name in the file, e.g. {instruction: question, output: answer}
     columns: dict[str, str] = {}
     limit: int | None = Field(None, gt=0)
@@ -153,6 +156,22 @@ class SFTDataConfig(_Strict):
     template: Literal["alpaca", "chat"] = "alpaca"
     max_length: int = Field(512, gt=8)
     overlength: Literal["truncate", "drop", "error"] = "truncate"
+
+
+class PreferenceDataConfig(_Strict):
+    """Preference pairs: explicit prompt/chosen/rejected, conversational, implicit (HH transcripts),
+    ranked lists, or a best-of-n stage's pairs (``from_stage``)."""
+
+    train: DataSource
+    eval: DataSource | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held out from train when no eval source.")
+    # none: prompts are used as written (best-of-n pairs are already rendered with the SFT template);
+    # alpaca / chat: plain-text prompts are instructions, rendered like SFT prompts.
+    template: Literal["none", "alpaca", "chat"] = "none"
+    max_length: int = Field(512, gt=8)
+    ranked_strategy: Literal["best_vs_worst", "best_vs_each", "all_pairs"] = "best_vs_worst"
+    on_bad_row: Literal["error", "drop"] = "error"
+    lint: Literal["drop", "error"] = Field("drop", description="Identical, empty or over-long pairs: drop (counted) or error.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,11 +254,22 @@ def _check_function_ref(ref: str) -> str:
 
 
 class ScorerConfig(_Strict):
-    """How candidates are scored: a checker function (verifiable rewards)."""
+    """How candidates are scored: a checker function (verifiable rewards) or a trained reward model."""
 
-    checker: str = Field(..., description="module:function(row, response) -> float | bool")
+    checker: str | None = Field(None, description="module:function(row, response) -> float | bool")
+    reward_from: str | None = Field(None, description="A reward stage whose model scores prompt + response.")
+    batch_size: int = Field(64, gt=0, description="Reward-model scoring batch size.")
 
-    _ref = field_validator("checker")(classmethod(lambda cls, v: _check_function_ref(v)))
+    @field_validator("checker")
+    @classmethod
+    def _ref(cls, value: str | None) -> str | None:
+        return None if value is None else _check_function_ref(value)
+
+    @model_validator(mode="after")
+    def _one(self) -> "ScorerConfig":
+        if (self.checker is None) == (self.reward_from is None):
+            raise ValueError("give exactly one of 'checker' (module:function) or 'reward_from' (a reward stage)")
+        return self
 
 
 class SelectConfig(_Strict):
@@ -253,7 +283,7 @@ class BonStage(StageConfig):
     the best as SFT rows and best-vs-worst as preference pairs."""
 
     KIND: ClassVar[str] = "bon"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",)}
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",), "scorer.reward_from": ("reward",)}
 
     kind: Literal["bon"] = "bon"
     policy_from: str = Field(..., description="The sft stage whose model samples.")
@@ -278,7 +308,71 @@ class BonStage(StageConfig):
         return value
 
 
-STAGE_TYPES: dict[str, type[StageConfig]] = {"sft": SFTStage, "bon": BonStage}
+class _PairsFrom(StageConfig):
+    """``pairs_from: <bon stage>`` is shorthand for data.train = that stage's pairs."""
+
+    pairs_from: str | None = Field(None, description="A best-of-n stage whose pairs to train on.")
+    data: PreferenceDataConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_from(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("pairs_from"):
+            data = dict(values.get("data") or {})
+            train = data.get("train")
+            # a resolved recipe carries both; anything else is a contradiction
+            if train is not None and not (isinstance(train, dict) and train.get("from_stage") == values["pairs_from"]):
+                raise ValueError("give either 'pairs_from' or 'data.train', not both")
+            data["train"] = {"from_stage": values["pairs_from"], "output": "pairs"}
+            values = {**values, "data": data}
+        return values
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "_PairsFrom":
+        if self.data is None:
+            raise ValueError("needs preference pairs: 'pairs_from: <bon stage>' or a 'data:' block")
+        return self
+
+
+class RewardStage(_PairsFrom):
+    """A reward model: a sequence classifier with one output, trained on preference pairs (TRL RewardTrainer)."""
+
+    KIND: ClassVar[str] = "reward"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "base_from": ("sft",), "pairs_from": ("bon",), "data.train.from_stage": ("bon",), "data.eval.from_stage": ("bon",),
+    }
+
+    kind: Literal["reward"] = "reward"
+    base_from: str | None = Field(None, description="Start from an sft stage's model (default: the recipe's base model).")
+    train: TrainConfig = TrainConfig()
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Quality gate on held-out pairwise accuracy.")
+
+
+class DPOStage(_PairsFrom):
+    """DPO against a frozen reference: the policy_from model (TRL DPOTrainer)."""
+
+    KIND: ClassVar[str] = "dpo"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "policy_from": ("sft",), "pairs_from": ("bon",), "data.train.from_stage": ("bon",), "data.eval.from_stage": ("bon",),
+    }
+
+    kind: Literal["dpo"] = "dpo"
+    policy_from: str = Field(..., description="The sft stage whose model is the policy's start and the frozen reference.")
+    beta: float = Field(0.1, gt=0)
+    loss_type: str | list[str] = Field("sigmoid", description="Any TRL DPO loss, or a list combined with loss_weights.")
+    loss_weights: list[float] | None = None
+    precompute_ref_log_probs: bool = False
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> "DPOStage":
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(losses)} loss type(s)")
+        return self
+
+
+STAGE_TYPES: dict[str, type[StageConfig]] = {"sft": SFTStage, "bon": BonStage, "reward": RewardStage, "dpo": DPOStage}
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +519,11 @@ def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
         )
     names = list(recipe.stages)
     for position, (name, stage) in enumerate(recipe.stages.items()):
+        reported = set()
         for field, target in stage.upstream().items():
+            if target in reported:
+                continue
+            reported.add(target)
             allowed = stage.FROM_FIELDS[field]
             loc = f"stages.{name}.{field}"
             if target not in recipe.stages:

@@ -14,4 +14,10 @@ class DataError(PipelineError):
 
 
 class GateFailed(PipelineError):
-    """A stage finished but its quality gate failed; downstream stages must not start."""
+    """A stage finished but its quality gate failed; downstream stages must not start.
+
+    Carries the stage's metrics so the manifest shows what was measured."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}

@@ -86,6 +86,14 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str 
     return tok
 
 
+def token_length(tokenizer, text_or_messages) -> int:
+    """Tokens of a prompt or response as the trainers tokenize it (chat messages through the template)."""
+    if isinstance(text_or_messages, list):
+        ids = tokenizer.apply_chat_template(text_or_messages, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return len(tokenizer(text_or_messages)["input_ids"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +215,51 @@ def load_policy(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None
     return model
 
 
+def load_reward_model(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None = None, work_dir: Path | None = None):
+    """A sequence classifier with one output (a fresh score head) to train as a reward model.
+
+    Starts from the recipe's base model or an earlier stage's model; an SFT adapter is first merged
+    into its base (written under ``work_dir``), since a reward model needs the whole network.
+    """
+    path = None
+    if init is not None:
+        path = init.path if init.kind == "full" else str(merge_to_full(init, cfg, (work_dir or Path(init.path).parent) / "merged_init"))
+    model = load_base(cfg, head="reward", path=path)
+    if lora is not None:
+        return add_lora(model, cfg, lora, task="SEQ_CLS")  # SEQ_CLS also trains the new score head
+    if cfg.quantization != "none":
+        raise PipelineError("a quantized reward model can only be trained through a LoRA adapter; add a 'lora:' block")
+    return model
+
+
+def load_trained_reward_model(cfg: ModelConfig, ref: ModelRef):
+    """A reward model a reward stage saved (full classifier, or adapter + score head on its base), frozen."""
+    from peft import PeftModel
+
+    if ref.kind == "adapter":
+        model = PeftModel.from_pretrained(load_base(cfg, head="reward", path=_base_path(ref)), ref.path)
+    else:
+        model = load_base(cfg, head="reward", path=ref.path)
+    fix_cpu_4bit(model)
+    return model.eval()
+
+
+def merge_to_full(ref: ModelRef, cfg: ModelConfig, out_dir: Path) -> Path:
+    """Merge an adapter into its base in full precision (a 4-bit base is loaded unquantized, i.e.
+    dequantized) and save a standalone model + tokenizer. Reused if already written."""
+    from peft import PeftModel
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    base = load_base(cfg, path=_base_path(ref), quantize=False)
+    merged = PeftModel.from_pretrained(base, ref.path).merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    merged.save_pretrained(tmp)
+    load_tokenizer(cfg, path=ref.path).save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def _base_path(ref: ModelRef) -> str:
     if ref.base is None:
         raise PipelineError(f"adapter {ref.path} does not say which base model it belongs to")
@@ -229,3 +282,84 @@ def trainable_summary(model) -> dict[str, int]:
     total = sum(size(p) for p in model.parameters())
     trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return {"parameters": int(total), "trainable_parameters": int(trainable)}
+
+
+# --- DPO reference and export helpers ---
+
+
+@dataclass
+class DPOModels:
+    """What DPOTrainer is handed: the policy, its frozen reference, and a LoRA for TRL to add."""
+
+    model: Any  # the policy (a PeftModel when it continues an SFT adapter)
+    ref_model: Any  # a separate frozen model, or None: TRL derives the reference from the policy
+    peft_config: Any  # a fresh LoRA that TRL puts on the policy, or None
+    reference: str  # which reference, for the stage metrics
+
+
+def load_dpo_models(cfg: ModelConfig, lora: LoraConfig | None, sft: ModelRef, precompute: bool = False) -> DPOModels:
+    """The DPO policy and its reference. The reference is always the SFT policy ``sft``, frozen.
+
+    ======================  ===========  ============================  ==========================  =====================
+    SFT output (``sft``)    recipe lora  policy                        handed to DPOTrainer        reference
+    ======================  ===========  ============================  ==========================  =====================
+    adapter (any base,      ignored      base (4-bit if the recipe     model=PeftModel,            "frozen sft adapter":
+    also 4-bit)                          says) + the SFT adapter,      ref_model=None              TRL copies the loaded
+                                         trainable                                                 adapter into a frozen
+                                                                                                   'ref' adapter
+    full                    none         the SFT model                 ref_model = the SFT model   "frozen copy"
+                                                                       loaded a second time,
+                                                                       frozen
+    full, precompute        none         the SFT model                 ref_model=None              "precomputed": TRL
+                                                                                                   runs the untrained
+                                                                                                   policy over the pairs
+                                                                                                   before any step
+    full                    given        the SFT model (4-bit if the   peft_config = recipe lora,  "adapter disabled":
+                                         recipe says); TRL adds a      ref_model=None              the policy with its
+                                         fresh LoRA                                                new adapter switched
+                                                                                                   off
+    ======================  ===========  ============================  ==========================  =====================
+
+    Never the bare base model, and never TRL's own reload from ``config._name_or_path`` (which would read
+    whatever is on disk at that path, not necessarily the SFT weights). Every 4-bit layer is patched by
+    ``fix_cpu_4bit`` (in ``load_base``) before TRL's first no-grad forward (precompute, eval_on_start).
+    """
+    if sft.kind == "adapter":
+        return DPOModels(load_policy(cfg, lora, init=sft, trainable=True), None, None, "frozen sft adapter")
+    if lora is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = load_base(cfg, path=sft.path)
+        if cfg.quantization != "none":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        return DPOModels(model, None, peft_config(lora), "adapter disabled")
+    policy = load_policy(cfg, None, init=sft, trainable=True)
+    if precompute:
+        return DPOModels(policy, None, None, "precomputed")
+    return DPOModels(policy, frozen(load_policy(cfg, None, init=sft, trainable=False)), None, "frozen copy")
+
+
+def frozen(model):
+    """No gradients, eval mode (no dropout): a reference model."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_merged(cfg: ModelConfig, ref: ModelRef, head: str = "causal_lm"):
+    """A standalone full-precision model from a stage's output.
+
+    A full model loads as saved. An adapter is applied to its base loaded in full precision (a 4-bit or
+    8-bit recipe's base is loaded unquantized: the original weights, not the rounded ones the adapter
+    was trained against) and merged into it (``merge_and_unload``).
+    """
+    from peft import PeftModel
+
+    if ref.kind == "full":
+        return load_base(cfg, head=head, path=ref.path, quantize=False)
+    base = load_base(cfg, head=head, path=_base_path(ref), quantize=False)
+    try:
+        model = PeftModel.from_pretrained(base, ref.path)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"cannot load the adapter {ref.path} on its base {ref.base}: {exc}") from None
+    return model.merge_and_unload()

@@ -19,12 +19,12 @@ from typing import Any
 
 from pipeline.artifacts import Manifest, git_commit, now, package_versions, stage_hash, write_json_atomic, write_text_atomic
 from pipeline.config import Recipe, StageConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import GateFailed, PipelineError
 
 log = logging.getLogger(__name__)
 
 # stage kind -> module with ``run(ctx) -> metrics``
-STAGE_MODULES = {"sft": "pipeline.stages.sft", "bon": "pipeline.stages.bon"}
+STAGE_MODULES = {"sft": "pipeline.stages.sft", "bon": "pipeline.stages.bon", "reward": "pipeline.stages.reward", "dpo": "pipeline.stages.dpo"}
 
 
 @dataclass
@@ -64,12 +64,12 @@ class StageContext:
 
         PartialState().wait_for_everyone()
 
-    def resolve_source(self, source):
+    def resolve_source(self, source, default_output: str = "best"):
         """A data source that names an earlier stage's output becomes the file that stage wrote."""
         if source is None or source.from_stage is None:
             return source
         outputs = self.upstream_entry(source.from_stage)["outputs"]
-        key = source.output or "best"
+        key = source.output or default_output
         if key not in outputs:
             raise PipelineError(f"stage {source.from_stage!r} has no output {key!r}; it has: {', '.join(outputs)}")
         return source.model_copy(update={"path": outputs[key], "from_stage": None, "output": None})
@@ -188,7 +188,11 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
             reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, KeyboardInterrupt):
                 reason = "interrupted"
-            manifest.update_stage(recipe, name, status="failed", error=reason, ended_at=now(), duration_s=round(time.time() - started, 2))
+            extra = {}
+            if isinstance(exc, GateFailed):  # the stage ran: keep what it measured and wrote
+                extra = {"metrics": exc.metrics, "outputs": ctx.outputs}
+                write_json_atomic(ctx.stage_dir / "metrics.json", exc.metrics)
+            manifest.update_stage(recipe, name, status="failed", error=reason, ended_at=now(), duration_s=round(time.time() - started, 2), **extra)
             if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
                 (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
         raise

@@ -1,7 +1,10 @@
-"""Scorers for best-of-n candidates: one interface, so the stage never cares which.
+"""Scorers for best-of-n candidates: one interface, so stages never care which.
 
-A checker is a user function ``module:function(row, response) -> float | bool`` (verifiable rewards):
-``row`` is the prompt's source row (instruction, input and metadata such as a gold answer).
+``score(items)`` takes dicts with ``prompt`` (as rendered for the policy), ``response`` and ``row``
+(the prompt's source row: instruction, input and metadata such as a gold answer) and returns floats.
+- a checker: a user function ``module:function(row, response) -> float | bool`` (verifiable rewards);
+- a reward model trained by a reward stage: it scores prompt + response exactly as TRL's
+  RewardTrainer saw its training pairs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pipeline.errors import PipelineError
 class Scorer(Protocol):
     name: str
 
-    def score(self, rows: list[dict[str, Any]], responses: list[str]) -> list[float]: ...
+    def score(self, items: list[dict[str, Any]]) -> list[float]: ...
 
 
 def load_function(ref: str, key: str) -> Callable:
@@ -37,19 +40,82 @@ class CheckerScorer:
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name = fn, name
 
-    def score(self, rows, responses):
+    def score(self, items):
         scores = []
-        for row, response in zip(rows, responses):
-            value = self.fn(row, response)
-            if isinstance(value, bool) or isinstance(value, (int, float)):
-                value = float(value)
-            else:
+        for item in items:
+            value = self.fn(item["row"], item["response"])
+            if not isinstance(value, (bool, int, float)):
                 raise PipelineError(f"checker {self.name} returned {type(value).__name__} ({value!r}); it must return a number or a bool")
-            if math.isnan(value):
-                raise PipelineError(f"checker {self.name} returned NaN for the prompt {str(row)[:80]}")
-            scores.append(value)
+            if math.isnan(float(value)):
+                raise PipelineError(f"checker {self.name} returned NaN for the prompt {str(item['row'])[:80]}")
+            scores.append(float(value))
         return scores
 
 
-def build_scorer(cfg, stage: str) -> Scorer:
-    return CheckerScorer(load_function(cfg.checker, f"stages.{stage}.scorer.checker"), cfg.checker)
+class RewardModelScorer:
+    """Batched, length-sorted scoring with a sequence-classifier reward model."""
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 64, max_length: int | None = None, progress: bool = False):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.batch_size, self.max_length, self.progress = batch_size, max_length, progress
+
+    def encode(self, prompt: Any, response: str) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(prompt, list):  # conversational: the chat template over prompt + reply
+            ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        else:  # RewardTrainer: prompt + response + EOS, tokenized as one text
+            text = prompt + response
+            ids = tok(text if text.endswith(tok.eos_token) else text + tok.eos_token)["input_ids"]
+        return ids[: self.max_length] if self.max_length else ids
+
+    def score(self, items):
+        import torch
+
+        encoded = [self.encode(item["prompt"], item["response"]) for item in items]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        pad = self.tokenizer.pad_token_id
+        device = self.model.device
+        was_training = self.model.training
+        self.model.eval()
+        batches = range(0, len(order), self.batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"scoring with {self.name}", unit="batch")
+        with torch.no_grad():
+            for start in batches:
+                chunk = order[start:start + self.batch_size]
+                width = max(len(encoded[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, i in enumerate(chunk):  # right padding: the classifier reads the last real token
+                    ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[row, : len(encoded[i])] = 1
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for i, value in zip(chunk, logits[:, 0].float().tolist()):
+                    scores[i] = value
+        self.model.train(was_training)
+        return scores
+
+
+def build_scorer(cfg, ctx) -> Scorer:
+    """The scorer a stage's ``scorer:`` block asks for."""
+    if cfg.checker:
+        return CheckerScorer(load_function(cfg.checker, f"stages.{ctx.name}.scorer.checker"), cfg.checker)
+    return reward_scorer(ctx, cfg.reward_from, batch_size=cfg.batch_size)
+
+
+def reward_scorer(ctx, stage: str, batch_size: int = 64) -> RewardModelScorer:
+    """The reward model a reward stage trained, ready to score (on this process's device)."""
+    from pipeline import modeling
+
+    ref = ctx.model_of(stage)
+    recipe = ctx.recipe
+    tokenizer = modeling.load_tokenizer(recipe.model, path=ref.path)
+    model = modeling.load_trained_reward_model(recipe.model, ref)
+    if recipe.model.quantization == "none":
+        model.to(ctx.device)
+    max_length = recipe.stages[stage].data.max_length
+    return RewardModelScorer(model, tokenizer, f"reward model of {stage!r}", batch_size, max_length, ctx.is_main and ctx.show_progress)

@@ -84,10 +84,12 @@ def _checked_extra(config_cls, extra: dict[str, Any], stage: str) -> dict[str, A
     return dict(extra)
 
 
-def fit(trainer, ctx) -> dict[str, Any]:
+def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     """Train with resume from the last checkpoint, evaluate before and after, save the final model.
 
     Returns the metrics; the model is written to ``<stage_dir>/model`` (adapter or full weights).
+    ``base``: what an adapter is applied to (default: the recipe's model; a stage that put a new
+    adapter on an earlier stage's full model passes that model's path).
     """
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -120,7 +122,7 @@ def fit(trainer, ctx) -> dict[str, Any]:
         trainer.processing_class.save_pretrained(str(model_dir))
         (ctx.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     metrics.update(modeling.trainable_summary(trainer.model))
-    ctx.outputs["model"] = modeling.saved_ref(trainer.model, model_dir, ctx.recipe.model.name_or_path).as_dict()
+    ctx.outputs["model"] = modeling.saved_ref(trainer.model, model_dir, base or ctx.recipe.model.name_or_path).as_dict()
     return metrics
 
 

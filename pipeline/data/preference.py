@@ -605,3 +605,59 @@ def length_stats(values: list[int]) -> dict[str, float]:
         return float(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))])
 
     return {"min": float(ordered[0]), "p50": pct(50), "p90": pct(90), "max": float(ordered[-1]), "mean": round(statistics.fmean(ordered), 2)}
+
+
+# ----------------------------------------------------------------------------------------------
+# One loader for the stages that train on pairs (reward model, DPO)
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_pairs(train_source, eval_source, cfg, count_tokens=None, seed: int = 0) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Read, adapt, render, split and lint preference pairs.
+
+    ``cfg`` is a PreferenceDataConfig; sources are already resolved to files or Hub ids. Returns TRL
+    records (prompt/chosen/rejected) for train and held-out eval, and a summary for the stage output.
+    """
+    import random
+
+    from pipeline.data.sources import read_source
+
+    def load(source) -> tuple[list[PreferencePair], dict[str, Any]]:
+        pairs, stats = load_preference_pairs(read_source(source), source.format, cfg.ranked_strategy, cfg.on_bad_row)
+        if cfg.template != "none":
+            pairs = [_rendered(p, cfg.template) for p in pairs]
+        return pairs, stats
+
+    train, train_stats = load(train_source)
+    summary: dict[str, Any] = {"train_source": train_stats}
+    if eval_source is not None:
+        held, eval_stats = load(eval_source)
+        summary["eval_source"] = eval_stats
+    elif cfg.eval_fraction > 0 and len(train) > 1:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        cut = max(1, int(len(train) * cfg.eval_fraction))
+        chosen = set(order[:cut])
+        held = [p for i, p in enumerate(train) if i in chosen]
+        train = [p for i, p in enumerate(train) if i not in chosen]
+    else:
+        held = []
+    lint_kwargs = {"count_tokens": count_tokens, "max_length": cfg.max_length if count_tokens else None, "action": cfg.lint}
+    train, summary["train"] = lint_pairs(train, **lint_kwargs)
+    if held:
+        held, summary["eval"] = lint_pairs(held, **lint_kwargs)
+    return [pair_to_record(p) for p in train], [pair_to_record(p) for p in held], summary
+
+
+def _rendered(pair: PreferencePair, template: str) -> PreferencePair:
+    """A plain-text prompt is an instruction: render it as SFT prompts were rendered."""
+    from dataclasses import replace
+
+    from pipeline.data.templates import render_prompt
+
+    if pair.conversational:
+        return pair
+    prompt = render_prompt({"instruction": pair.prompt, "input": ""}, template)
+    if template == "chat":
+        return replace(pair, prompt=prompt, chosen=_assistant(pair.chosen), rejected=_assistant(pair.rejected), lead=("", ""))
+    return replace(pair, prompt=prompt)

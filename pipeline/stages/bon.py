@@ -23,7 +23,7 @@ def run(ctx) -> dict[str, Any]:
     cfg, recipe = ctx.cfg, ctx.recipe
     template = cfg.template or recipe.stages[cfg.policy_from].data.template
     prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
-    scorer = build_scorer(cfg.scorer, ctx.name)
+    scorer = build_scorer(cfg.scorer, ctx)
     checks = {name: load_function(ref, f"stages.{ctx.name}.report.{name}") for name, ref in cfg.report.items()}
 
     shards = [prompts[i:i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
@@ -45,7 +45,7 @@ def run(ctx) -> dict[str, Any]:
             candidates, tokens = sample_shard(model, tokenizer, shards[k], cfg, seed=shard_seed(ctx.seed, k), bar=bar)
             generation_s += time.perf_counter() - started
             generated_tokens += tokens
-            for candidate, score in zip(candidates, scorer.score([c["row"] for c in candidates], [c["response"] for c in candidates])):
+            for candidate, score in zip(candidates, scorer.score(candidates)):
                 candidate["score"] = score
             write_jsonl(shard_path(shard_dir, k), candidates)  # atomic: a killed run never leaves half a shard
         bar.close()

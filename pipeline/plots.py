@@ -1,0 +1,45 @@
+"""PNG plots for stage outputs and the run report (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def histogram(path: Path, series: dict[str, list[float]], title: str, xlabel: str) -> Path:
+    """Overlaid histograms of named value lists (e.g. chosen vs rejected rewards)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    values = [v for vs in series.values() for v in vs]
+    bins = 30 if values else 1
+    lo, hi = (min(values), max(values)) if values else (0, 1)
+    for name, vs in series.items():
+        ax.hist(vs, bins=bins, range=(lo, hi), alpha=0.55, label=f"{name} (n={len(vs)})")
+    ax.set(title=title, xlabel=xlabel, ylabel="count")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def lines(path: Path, series: dict[str, tuple[list[float], list[float]]], title: str, xlabel: str, ylabel: str) -> Path:
+    """Named (x, y) lines, e.g. DPO reward margins over training steps."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker=".", label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

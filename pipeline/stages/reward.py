@@ -1,0 +1,98 @@
+"""Reward model: preference pairs -> TRL's RewardTrainer on a one-output sequence classifier.
+
+Then a held-out evaluation (pairwise accuracy, margin, length bias) and the quality gate: below
+``min_accuracy`` the stage fails with the reason, so no downstream stage trusts a weak reward model.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from pipeline import modeling, plots, training
+from pipeline.artifacts import write_json_atomic
+from pipeline.data.preference import prepare_pairs
+from pipeline.errors import GateFailed
+from pipeline.scoring import RewardModelScorer
+
+
+def run(ctx) -> dict[str, Any]:
+    import datasets
+    from trl import RewardConfig, RewardTrainer
+
+    cfg, recipe = ctx.cfg, ctx.recipe
+    init = ctx.model_of(cfg.base_from)
+    tokenizer = modeling.load_tokenizer(recipe.model, path=init.path if init else None)
+    train, held, summary = prepare_pairs(
+        ctx.resolve_source(cfg.data.train, "pairs"), ctx.resolve_source(cfg.data.eval, "pairs"), cfg.data,
+        count_tokens=lambda x: modeling.token_length(tokenizer, x), seed=ctx.seed,
+    )
+    if ctx.is_main:
+        write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
+        ctx.say(f"[{ctx.name}] {len(train)} training pairs, {len(held)} held out")
+    quantized = recipe.model.quantization != "none"
+    args = training.trl_args(
+        RewardConfig, ctx, max_length=cfg.data.max_length,
+        # TRL casts the score head to bf16 for k-bit models; fp32 training then fails on a dtype mismatch
+        **({"bf16": True, "fp16": False} if quantized else {}),
+    )
+    model = modeling.load_reward_model(recipe.model, recipe.lora, init=init, work_dir=ctx.stage_dir)
+    to_ds = lambda records: datasets.Dataset.from_list(records) if records else None  # noqa: E731
+    trainer = RewardTrainer(model=model, args=args, train_dataset=to_ds(train), eval_dataset=to_ds(held), processing_class=tokenizer)
+    base = init.path if init is not None and init.kind == "full" else None
+    metrics = training.fit(trainer, ctx, base=base)
+    if held:
+        scorer = RewardModelScorer(trainer.model, tokenizer, "reward model", max_length=cfg.data.max_length)
+        metrics.update(evaluate_pairs(scorer, tokenizer, held, ctx))
+    if cfg.min_accuracy is not None:
+        accuracy = metrics.get("heldout_accuracy")
+        if accuracy is None:
+            raise GateFailed("min_accuracy is set but there are no held-out pairs to measure it; set data.eval or data.eval_fraction", metrics)
+        if accuracy < cfg.min_accuracy:
+            raise GateFailed(
+                f"quality gate: held-out pairwise accuracy {accuracy:.3f} is below min_accuracy {cfg.min_accuracy} "
+                f"({metrics['heldout_pairs']} pairs); downstream stages would trust a weak reward model. "
+                "Check the pairs (data_summary.json), train longer, or lower min_accuracy deliberately.",
+                metrics,
+            )
+    return metrics
+
+
+def evaluate_pairs(scorer: RewardModelScorer, tokenizer, pairs: list[dict], ctx) -> dict[str, Any]:
+    """Held-out pairwise accuracy, margin, and length bias; writes rewards.jsonl-style stats and a histogram."""
+    def text(side: Any) -> str:
+        return side if isinstance(side, str) else " ".join(m["content"] for m in side)
+
+    chosen = scorer.score([{"prompt": p["prompt"], "response": text(p["chosen"])} for p in pairs])
+    rejected = scorer.score([{"prompt": p["prompt"], "response": text(p["rejected"])} for p in pairs])
+    lengths_c = [modeling.token_length(tokenizer, text(p["chosen"])) for p in pairs]
+    lengths_r = [modeling.token_length(tokenizer, text(p["rejected"])) for p in pairs]
+    wins = [c > r for c, r in zip(chosen, rejected)]
+
+    def accuracy(mask: list[bool]) -> float | None:
+        picked = [w for w, m in zip(wins, mask) if m]
+        return round(sum(picked) / len(picked), 4) if picked else None
+
+    metrics = {
+        "heldout_pairs": len(pairs),
+        "heldout_accuracy": round(sum(wins) / len(wins), 4),
+        "heldout_margin_mean": round(statistics.fmean(c - r for c, r in zip(chosen, rejected)), 4),
+        "heldout_reward_chosen_mean": round(statistics.fmean(chosen), 4),
+        "heldout_reward_rejected_mean": round(statistics.fmean(rejected), 4),
+        # length bias: a reward that tracks length, or accuracy that depends on which side is longer
+        "reward_length_correlation": _correlation(chosen + rejected, lengths_c + lengths_r),
+        "accuracy_chosen_longer": accuracy([lc > lr for lc, lr in zip(lengths_c, lengths_r)]),
+        "accuracy_chosen_shorter": accuracy([lc < lr for lc, lr in zip(lengths_c, lengths_r)]),
+        "chosen_longer_fraction": round(sum(lc > lr for lc, lr in zip(lengths_c, lengths_r)) / len(pairs), 4),
+    }
+    if ctx.is_main:
+        path = plots.histogram(ctx.stage_dir / "reward_histogram.png", {"chosen": chosen, "rejected": rejected},
+                               f"{ctx.name}: held-out rewards (accuracy {metrics['heldout_accuracy']:.3f})", "reward")
+        ctx.outputs["reward_histogram"] = str(path)
+    return metrics
+
+
+def _correlation(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3 or len(set(ys)) < 2 or len(set(xs)) < 2:
+        return None
+    return round(statistics.correlation(xs, ys), 4)
