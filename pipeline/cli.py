@@ -40,12 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe's stages in order (default: the built-in demo)")
     p.add_argument("recipe", nargs="?")
     p.add_argument("--stages", help="comma-separated stage names (default: all, in recipe order)")
+    p.add_argument("--launch", help="accelerate config: run each stage under `accelerate launch` with it (default: the recipe's launch)")
     _common(p)
 
     p = sub.add_parser("stage", help="run one stage in this process (what accelerate launch calls)")
     p.add_argument("name")
     p.add_argument("recipe")
     _common(p)
+
+    p = sub.add_parser(
+        "export", help="write a stage's model as a standalone model directory (LoRA merged into its base)",
+        description="Export the model of STAGE in the run directory RUN_DIR to OUT_DIR: a LoRA adapter is merged "
+        "into its base (loaded in full precision, also for 4-bit/8-bit recipes) and saved with the tokenizer; a "
+        "full-weight model is copied as is. Loads with plain AutoModelForCausalLM.from_pretrained(OUT_DIR). "
+        "Example: pipeline export runs/demo dpo exported/demo-dpo",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (a recipe's --output-dir, default runs/<name>)")
+    p.add_argument("stage", metavar="STAGE", help="a finished training stage (sft, reward, dpo ...)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model; must not exist or be empty")
     return parser
 
 
@@ -67,6 +79,12 @@ def _dispatch(args) -> int:
         print(f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr)
         return 0
 
+    if args.command == "export":
+        from pipeline.export import export
+
+        export(args.run_dir, args.stage, args.out_dir)
+        return 0
+
     recipe_path = args.recipe or default_recipe()
     recipe = load_recipe(recipe_path, args.overrides)
     run_dir = recipe.output_path(args.output_dir)
@@ -76,23 +94,18 @@ def _dispatch(args) -> int:
     if args.command == "stage":
         runner.run_stage(recipe, args.name, run_dir)
         return 0
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    manifest = runner.run_pipeline(recipe, run_dir, stages)
-    print(results_table(manifest, stages or list(recipe.stages)))
-    print(f"run directory: {run_dir}")
+    from pipeline import report
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(recipe.stages)
+    launch = runner.Launch(config=args.launch or recipe.launch, recipe_path=str(recipe_path), overrides=args.overrides)
+    try:
+        runner.run_pipeline(recipe, run_dir, stages, launch=launch)
+    finally:
+        from pipeline.artifacts import Manifest
+
+        if Manifest(run_dir).path.is_file():
+            final = Manifest(run_dir).read()
+            report_path = report.write_report(run_dir, final, stages)
+            print("\n" + report.results_table(final, stages))
+            print(f"\nreport: {report_path}\nrun directory: {run_dir}")
     return 0
-
-
-def results_table(manifest: dict, names: list[str]) -> str:
-    rows = [("stage", "status", "time (s)", "key metrics")]
-    for name in names:
-        entry = manifest["stages"].get(name, {})
-        metrics = entry.get("metrics", {})
-        keys = [k for k in ("eval_loss_before", "eval_loss", "train_loss", "steps") if k in metrics]
-        shown = ", ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in keys)
-        duration = entry.get("duration_s")
-        rows.append((name, entry.get("status", "-"), f"{duration:.1f}" if duration is not None else "-", shown))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -223,7 +223,9 @@ class StageConfig(_Strict):
             node: Any = self
             for part in path.split("."):
                 node = getattr(node, part, None)
-            if node:
+            if isinstance(node, list):
+                found.update({f"{path}[{i}]": target for i, target in enumerate(node)})
+            elif node:
                 found[path] = node
         return found
 
@@ -372,7 +374,39 @@ class DPOStage(_PairsFrom):
         return self
 
 
-STAGE_TYPES: dict[str, type[StageConfig]] = {"sft": SFTStage, "bon": BonStage, "reward": RewardStage, "dpo": DPOStage}
+class EvalStage(StageConfig):
+    """Held-out evaluation of every policy: checker rates (alignment gained, capability kept), reward-model
+    score, win rate against the reference policy, KL to it, response length. Writes eval/metrics.json."""
+
+    KIND: ClassVar[str] = "eval"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "policies": ("sft", "dpo"), "reference": ("sft", "dpo"), "bon_from": ("bon",), "reward_from": ("reward",),
+    }
+
+    kind: Literal["eval"] = "eval"
+    prompts: DataSource
+    policies: list[str] = Field(..., min_length=1, description="Stages whose models are evaluated (greedy decoding).")
+    reference: str = Field(..., description="The baseline policy for win rate and KL (usually the SFT stage).")
+    bon_from: str | None = Field(None, description="Also evaluate best-of-n as a selection policy, as this bon stage samples and scores.")
+    reward_from: str | None = Field(None, description="Reward model for reward_mean and win rates.")
+    # metric name -> module:function(row, response) -> bool, e.g. preference_pass, gold_accuracy
+    checkers: dict[str, str] = {}
+    template: Literal["alpaca", "chat"] | None = Field(None, description="Default: the reference stage's template.")
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)
+    kl_samples: int = Field(4, ge=0, description="Samples per prompt (temperature 1) for the KL estimate; 0 skips it.")
+
+    @field_validator("checkers")
+    @classmethod
+    def _function_refs(cls, value: dict[str, str]) -> dict[str, str]:
+        for ref in value.values():
+            _check_function_ref(ref)
+        return value
+
+
+STAGE_TYPES: dict[str, type[StageConfig]] = {
+    "sft": SFTStage, "bon": BonStage, "reward": RewardStage, "dpo": DPOStage, "eval": EvalStage,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +558,7 @@ def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
             if target in reported:
                 continue
             reported.add(target)
-            allowed = stage.FROM_FIELDS[field]
+            allowed = stage.FROM_FIELDS[field.split("[")[0]]
             loc = f"stages.{name}.{field}"
             if target not in recipe.stages:
                 errors.append(f"{loc}: no stage named {target!r}{_suggest(target, names)}; stages: {', '.join(names)}")

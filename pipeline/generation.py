@@ -159,3 +159,28 @@ def sample_responses(
 
 def decode(tokenizer, sample: Sample) -> str:
     return tokenizer.decode(sample.token_ids, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 64) -> list[float]:
+    """Sum of log p(completion token | prefix) for each (prompt, completion), e.g. for KL estimates."""
+    sequences = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = [0.0] * len(sequences)
+    device = model.device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(sequences[i]) for i in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):  # right padding: positions need no adjusting
+            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            mask[row, : len(sequences[i])] = 1
+        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+        for row, i in enumerate(chunk):
+            start_pos, end_pos = len(prompt_ids[i]), len(sequences[i])
+            if end_pos == start_pos:
+                continue
+            targets = ids[row, start_pos:end_pos].to(device)
+            out[i] = float(logprobs[row, start_pos - 1:end_pos - 1].gather(-1, targets[:, None]).sum())
+    return out

@@ -1,0 +1,135 @@
+"""The run report: ``<run_dir>/report.md`` with stages, key metrics, durations, tracker links and plots,
+and the results table ``pipeline run`` prints at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline import plots
+
+KEY_METRICS = {
+    "sft": ("eval_loss_before", "eval_loss", "steps", "train_rows"),
+    "reward": ("heldout_accuracy", "heldout_margin_mean", "reward_length_correlation", "steps"),
+    "bon": ("prompts", "n", "best_rows", "pairs", "tokens_per_s"),
+    "dpo": ("heldout_reward_accuracy", "heldout_reward_margin", "eval_loss", "steps"),
+    "eval": ("prompts",),
+}
+
+
+def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
+    rows = [["stage", "kind", "status", "time (s)", "key metrics"]]
+    for name in names:
+        entry = manifest["stages"].get(name, {})
+        metrics = entry.get("metrics", {})
+        shown = []
+        for key in KEY_METRICS.get(entry.get("kind", ""), ()):
+            if isinstance(metrics.get(key), (int, float)):
+                value = metrics[key]
+                shown.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        for key, value in metrics.items():
+            if key.startswith("checks.") and isinstance(value, dict):
+                shown.append(f"{key[7:]}: first {value['first_sample']:.2f} / best {value['best']:.2f}")
+        if entry.get("status") == "failed":
+            shown = [f"error: {entry.get('error', '')[:160]}"]
+        duration = entry.get("duration_s")
+        rows.append([name, entry.get("kind", "-"), entry.get("status", "not run"), f"{duration:.1f}" if duration is not None else "-", ", ".join(shown)])
+    return rows
+
+
+def policy_rows(eval_metrics: dict[str, Any]) -> list[list[str]]:
+    policies = eval_metrics.get("policies", {})
+    keys: list[str] = []
+    for m in policies.values():
+        keys += [k for k, v in m.items() if isinstance(v, (int, float)) and k not in keys and k != "n"]
+    rows = [["policy"] + keys]
+    for name, m in policies.items():
+        rows.append([name] + [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys])
+        first = m.get("first_sample")
+        if isinstance(first, dict):
+            rows.append([f"  {name} (first sample)"] + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys])
+    return rows
+
+
+def text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def eval_metrics_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    for entry in manifest["stages"].values():
+        if entry.get("kind") == "eval" and entry.get("status") == "done":
+            path = entry.get("outputs", {}).get("metrics")
+            if path and Path(path).is_file():
+                return json.loads(Path(path).read_text())
+    return None
+
+
+def results_table(manifest: dict[str, Any], names: list[str]) -> str:
+    text = text_table(stage_rows(manifest, names))
+    evaluation = eval_metrics_of(manifest)
+    if evaluation:
+        text += "\n\nheld-out evaluation (" + str(evaluation.get("prompts")) + " prompts):\n" + text_table(policy_rows(evaluation))
+    return text
+
+
+def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> Path:
+    """report.md plus PNG plots beside it."""
+    parts = [f"# Run report: {manifest.get('recipe', '')}", "", f"Run directory: `{run_dir}`", ""]
+    parts += ["## Stages", "", markdown_table(stage_rows(manifest, names)), ""]
+    total = sum(manifest["stages"].get(n, {}).get("duration_s") or 0 for n in names)
+    parts += [f"Total stage time: {total:.1f} s", ""]
+    links = []
+    for name in names:
+        wandb = manifest["stages"].get(name, {}).get("tracker", {}).get("wandb")
+        if wandb:
+            links.append(f"- {name}: " + (f"[{wandb['id']}]({wandb['url']})" if wandb.get("url") else f"offline run `{wandb['dir']}` (`{wandb.get('sync', 'wandb sync')}`)"))
+    if links:
+        parts += ["## Tracking", ""] + links + [""]
+    evaluation = eval_metrics_of(manifest)
+    if evaluation:
+        parts += [f"## Held-out evaluation ({evaluation.get('prompts')} prompts, reference `{evaluation.get('reference')}`)", "",
+                  markdown_table(policy_rows(evaluation)), ""]
+    figures = _figures(run_dir, manifest, names)
+    if figures:
+        parts += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in figures] + [""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[tuple[str, Path]]:
+    import shutil
+
+    figures = []
+    for name in names:
+        entry = manifest["stages"].get(name, {})
+        outputs = entry.get("outputs", {})
+        for key, title in (("reward_distribution", "Reward per policy"), ("reward_histogram", f"{name}: chosen vs rejected rewards")):
+            src = outputs.get(key)
+            if src and Path(src).is_file():
+                dst = run_dir / f"{name}_{Path(src).name}"
+                shutil.copyfile(src, dst)
+                figures.append((title, dst))
+        if entry.get("kind") == "dpo" and entry.get("status") == "done":
+            history = run_dir / name / "log_history.json"
+            if history.is_file():
+                logs = json.loads(history.read_text())
+                series = {}
+                for key in ("rewards/margins", "eval_rewards/margins"):
+                    points = [(e["step"], e[key]) for e in logs if key in e]
+                    if points:
+                        series[key] = ([p[0] for p in points], [p[1] for p in points])
+                if series:
+                    dst = plots.lines(run_dir / f"{name}_margins.png", series, f"{name}: reward margins over training", "step", "margin")
+                    figures.append((f"{name}: DPO margins", dst))
+    return figures
