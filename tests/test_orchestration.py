@@ -1,0 +1,111 @@
+"""One command runs the pipeline: caching, resume after kill -9, stopping at a failure, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BASE_RECIPE, REPO, TINY, merge, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def manifest(run_dir: Path) -> dict:
+    return json.loads((run_dir / "manifest.json").read_text())["stages"]
+
+
+def start_run(recipe: Path, run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(recipe), "--output-dir", str(run_dir)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "timed out waiting for the kill point"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_kill_during_sft_then_run_resumes_from_the_checkpoint(tmp_path):
+    raw = merge(BASE_RECIPE, {"stages": {"sft": {"train": {"max_steps": 160, "save_steps": 20, "logging_steps": 20}}}})
+    recipe, run_dir = write(tmp_path, raw), tmp_path / "run"
+    proc = start_run(recipe, run_dir)
+    kill_when(proc, lambda: any((run_dir / "sft").glob("checkpoints-*/checkpoint-40/trainer_state.json")))
+    assert manifest(run_dir)["sft"]["status"] == "running"  # killed: never marked done
+    assert not (run_dir / "sft" / "model").exists()
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    entry = manifest(run_dir)["sft"]
+    assert entry["status"] == "done" and entry["metrics"]["steps"] == 160
+    assert entry["metrics"]["resumed_from"].startswith("checkpoint-")
+    assert int(entry["metrics"]["resumed_from"].split("-")[1]) >= 40  # resumed, not restarted
+    assert entry["metrics"]["eval_loss_before"] > entry["metrics"]["eval_loss"]  # the original 'before' survived
+
+
+def test_kill_during_bon_then_run_resumes_from_finished_shards(policy_copy):
+    recipe_path, run_dir = policy_copy
+    raw = yaml.safe_load(Path(recipe_path).read_text())
+    raw["stages"]["label"].update(shard_size=20, prompts={"path": str(TINY / "prompts_label.jsonl"), "limit": 400})
+    recipe = write(run_dir.parent, raw)
+    proc = start_run(recipe, run_dir)
+    kill_when(proc, lambda: len(list((run_dir / "label").glob("shards-*/shard-*.jsonl"))) >= 2)
+    done_before = len(list((run_dir / "label").glob("shards-*/shard-*.jsonl")))
+    assert manifest(run_dir)["label"]["status"] == "running"
+    assert not (run_dir / "label" / "candidates.jsonl").exists()
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    stages = manifest(run_dir)
+    assert stages["sft"]["status"] == "done" and "cached" in out.stdout  # sft was not redone
+    entry = stages["label"]
+    assert entry["status"] == "done" and entry["metrics"]["shards_resumed"] >= done_before
+    candidates = (run_dir / "label" / "candidates.jsonl").read_text().splitlines()
+    keys = [(c["prompt_id"], c["sample_idx"]) for c in map(json.loads, candidates)]
+    assert len(keys) == len(set(keys)) == entry["metrics"]["prompts"] * 8
+
+
+def test_failed_stage_stops_the_run_keeps_earlier_outputs_and_reports(make_recipe, tmp_path):
+    bad = tmp_path / "missing.jsonl"
+    raw = yaml.safe_load(make_recipe().read_text())
+    raw["stages"]["second"] = {"kind": "sft", "init_from": "sft", "data": {"train": {"path": str(bad)}},
+                               "train": {"max_steps": 2, "precision": "fp32"}}
+    raw["stages"]["third"] = {"kind": "sft", "init_from": "second", "data": {"train": {"path": str(TINY / "sft_eval.jsonl")}},
+                              "train": {"max_steps": 2, "precision": "fp32"}}
+    recipe, run_dir = write(tmp_path, raw), tmp_path / "run"
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
+    assert out.returncode == 2 and f"data file not found: {bad}" in out.stderr and "Traceback" not in out.stderr
+    stages = manifest(run_dir)
+    assert stages["sft"]["status"] == "done" and Path(stages["sft"]["outputs"]["model"]["path"]).is_dir()
+    assert stages["second"]["status"] == "failed" and "third" not in stages
+    report = (run_dir / "report.md").read_text()
+    assert "| sft | sft | done |" in report and "| second | sft | failed |" in report and "data file not found" in report
+    assert "failed" in out.stdout  # the results table is printed even when the run stops
+
+
+def test_launch_config_runs_each_stage_under_accelerate(make_recipe, tmp_path):
+    recipe = make_recipe({"stages": {"sft": {"train": {"max_steps": 4, "batch_size": 4, "save_steps": 4}}}})
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir), "--launch", str(REPO / "launch/cpu_2proc.yaml"),
+                  "--set", "stages.sft.train.learning_rate=0.002", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    entry = manifest(run_dir)["sft"]
+    assert entry["world_size"] == 2 and entry["status"] == "done"
+    saved = yaml.safe_load((run_dir / "sft" / "recipe.yaml").read_text())
+    assert saved["stages"]["sft"]["train"]["learning_rate"] == 0.002  # --set travelled to the launched stage
