@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {validate,run,stage} ...`` (also the ``pipeline`` console script).
+"""Command line: ``python -m pipeline {validate,run,stage,export} ...`` (also the ``pipeline`` console script).
 
 User errors (bad recipe, bad data, missing upstream output) print one clear message and exit 2;
 no traceback. ``stage`` is what ``accelerate launch -m pipeline stage NAME RECIPE`` runs on every rank.

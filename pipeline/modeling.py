@@ -247,12 +247,9 @@ def load_trained_reward_model(cfg: ModelConfig, ref: ModelRef):
 def merge_to_full(ref: ModelRef, cfg: ModelConfig, out_dir: Path) -> Path:
     """Merge an adapter into its base in full precision (a 4-bit base is loaded unquantized, i.e.
     dequantized) and save a standalone model + tokenizer. Reused if already written."""
-    from peft import PeftModel
-
     if (out_dir / "config.json").is_file():
         return out_dir
-    base = load_base(cfg, path=_base_path(ref), quantize=False)
-    merged = PeftModel.from_pretrained(base, ref.path).merge_and_unload()
+    merged = load_merged(cfg, ref)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     merged.save_pretrained(tmp)
     load_tokenizer(cfg, path=ref.path).save_pretrained(tmp)
@@ -320,9 +317,11 @@ def load_dpo_models(cfg: ModelConfig, lora: LoraConfig | None, sft: ModelRef, pr
                                                                                                    off
     ======================  ===========  ============================  ==========================  =====================
 
-    Never the bare base model, and never TRL's own reload from ``config._name_or_path`` (which would read
-    whatever is on disk at that path, not necessarily the SFT weights). Every 4-bit layer is patched by
-    ``fix_cpu_4bit`` (in ``load_base``) before TRL's first no-grad forward (precompute, eval_on_start).
+    Never the bare base model, and never TRL's implicit reload from ``config._name_or_path`` (it names
+    whatever path the config carries, bypasses this loader's settings, and misses in-memory changes).
+    With a 4-bit recipe the reference is what the policy starts from: the 4-bit base (plus the SFT adapter).
+    Every 4-bit layer is patched by ``fix_cpu_4bit`` (in ``load_base``) before TRL's first no-grad forward
+    (precompute, eval_on_start); TRL's 'ref' adapter reuses those layers and creates none.
     """
     if sft.kind == "adapter":
         return DPOModels(load_policy(cfg, lora, init=sft, trainable=True), None, None, "frozen sft adapter")

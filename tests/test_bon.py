@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, SHARED_DATA
 from pipeline import runner, tinytasks

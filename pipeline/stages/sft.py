@@ -12,7 +12,10 @@ from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
 
 def run(ctx) -> dict[str, Any]:
     trainer, summary = build_trainer(ctx)
-    metrics = training.fit(trainer, ctx)
+    init = ctx.model_of(ctx.cfg.init_from)
+    # a new adapter on an earlier stage's full model belongs to that model; otherwise the recipe's base
+    base = init.path if init is not None and init.kind == "full" else (init.base if init is not None else None)
+    metrics = training.fit(trainer, ctx, base=base)
     metrics.update(train_rows=summary["train"]["kept"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
     return metrics
 
