@@ -1,0 +1,58 @@
+"""The main job: the README's demo command runs the whole pipeline and shows alignment on the tiny model.
+
+One slow test (~5 minutes on 2 cores): it is the project's end-to-end proof, so CI runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
+    run_dir = tmp_path / "demo"
+    started = time.time()
+    out = run_cli("run", "--output-dir", str(run_dir), timeout=1200)
+    first_run = time.time() - started
+    assert out.returncode == 0, out.stderr[-4000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert list(manifest) == ["sft", "label", "reward", "bon", "rs_sft", "dpo", "eval"]
+    assert all(entry["status"] == "done" for entry in manifest.values())
+    assert "held-out evaluation" in out.stdout and "preference_pass" in out.stdout  # the results table
+    report = (run_dir / "report.md").read_text()
+    assert "## Held-out evaluation" in report and "dpo_margins.png" in report and "reward_reward_histogram.png" in report
+
+    policies = json.loads((run_dir / "eval" / "metrics.json").read_text())["policies"]
+    sft, bon, dpo = policies["sft"], policies["bon"], policies["dpo"]
+    # capability present, alignment missing after SFT
+    assert sft["gold_accuracy"] >= 0.50 and sft["preference_pass"] <= 0.50
+    # the reward model tells preferred from not on held-out labelled policy samples
+    assert manifest["reward"]["metrics"]["heldout_accuracy"] >= 0.90
+    # best-of-8 by the reward model, and DPO, gain alignment; DPO keeps the capability
+    assert bon["preference_pass"] >= sft["preference_pass"] + 0.20
+    assert dpo["preference_pass"] >= sft["preference_pass"] + 0.20
+    assert dpo["gold_accuracy"] >= sft["gold_accuracy"] - 0.03
+    assert manifest["dpo"]["metrics"]["heldout_reward_accuracy"] >= 0.80
+    for name in ("sft", "rs_sft", "dpo", "bon"):
+        assert {"preference_pass", "gold_accuracy", "reward_mean", "win_rate_vs_sft", "kl_to_ref", "response_length"} <= set(policies[name])
+    assert "first_sample" in bon
+
+    # Same recipe again: every stage cached, in a fraction of the time.
+    started = time.time()
+    again = run_cli("run", "--output-dir", str(run_dir))
+    assert again.returncode == 0 and again.stdout.count("cached") == 7
+    assert time.time() - started < 0.10 * first_run
+
+    # One setting changed: only that stage and what depends on it rerun.
+    rerun = run_cli("run", "--output-dir", str(run_dir), "--set", "stages.dpo.beta=0.25")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    redone = {name for name in after if after[name]["ended_at"] != manifest[name]["ended_at"]}
+    assert redone == {"dpo", "eval"}
+    assert after["dpo"]["config_hash"] != manifest["dpo"]["config_hash"]
