@@ -255,6 +255,12 @@ def _check_function_ref(ref: str) -> str:
     return ref
 
 
+def _check_function_refs(refs: dict[str, str]) -> dict[str, str]:
+    for ref in refs.values():
+        _check_function_ref(ref)
+    return refs
+
+
 class ScorerConfig(_Strict):
     """How candidates are scored: a checker function (verifiable rewards) or a trained reward model."""
 
@@ -302,12 +308,7 @@ class BonStage(StageConfig):
     # name -> module:function; reported per checker: first-sample rate, best rate, oracle pass@n
     report: dict[str, str] = {}
 
-    @field_validator("report")
-    @classmethod
-    def _function_refs(cls, value: dict[str, str]) -> dict[str, str]:
-        for ref in value.values():
-            _check_function_ref(ref)
-        return value
+    _refs = field_validator("report")(classmethod(lambda cls, value: _check_function_refs(value)))
 
 
 class _PairsFrom(StageConfig):
@@ -396,12 +397,7 @@ class EvalStage(StageConfig):
     batch_size: int = Field(64, gt=0)
     kl_samples: int = Field(4, ge=0, description="Samples per prompt (temperature 1) for the KL estimate; 0 skips it.")
 
-    @field_validator("checkers")
-    @classmethod
-    def _function_refs(cls, value: dict[str, str]) -> dict[str, str]:
-        for ref in value.values():
-            _check_function_ref(ref)
-        return value
+    _refs = field_validator("checkers")(classmethod(lambda cls, value: _check_function_refs(value)))
 
 
 STAGE_TYPES: dict[str, type[StageConfig]] = {

@@ -388,7 +388,7 @@ def test_lint_length_stats_and_length_bias_warning():
     kept, report = lint_pairs(pairs)
     assert len(kept) == 10 and report["length_unit"] == "chars"
     assert report["chosen_longer_fraction"] == 0.8 and report["rejected_longer_fraction"] == 0.1
-    assert report["lengths"]["rejected"] == {"min": 5.0, "p50": 5.0, "p90": 5.0, "max": 11.0, "mean": 5.6}
+    assert report["lengths"]["rejected"] == {"min": 5.0, "p50": 5.0, "p90": 5.0, "p99": 11.0, "max": 11.0, "mean": 5.6}
     assert report["lengths"]["chosen"]["min"] == 5.0 and report["lengths"]["chosen"]["max"] == 18.0
     assert any("chosen is longer than the other response in 80% of pairs" in w for w in report["warnings"])
     # few pairs: no warning from noise

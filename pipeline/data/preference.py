@@ -596,15 +596,10 @@ def _swap(key: str) -> str:
 
 
 def length_stats(values: list[int]) -> dict[str, float]:
-    """min / p50 / p90 / max / mean (nearest-rank percentiles)."""
-    if not values:
-        return {}
-    ordered = sorted(values)
+    """min / p50 / p90 / p99 / max / mean (nearest-rank percentiles)."""
+    from pipeline.data.sft import percentiles
 
-    def pct(p: float) -> float:
-        return float(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))])
-
-    return {"min": float(ordered[0]), "p50": pct(50), "p90": pct(90), "max": float(ordered[-1]), "mean": round(statistics.fmean(ordered), 2)}
+    return percentiles(values)
 
 
 # ----------------------------------------------------------------------------------------------
