@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import TrainOutput
 
 from pipeline import modeling
 from pipeline.artifacts import write_json_atomic
@@ -106,7 +107,16 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     if last:
         log.info("resuming %s from %s", ctx.name, last)
         metrics["resumed_from"] = Path(last).name
-    result = trainer.train(resume_from_checkpoint=last)
+    finished = _finished_state(last) if last and not trainer.is_deepspeed_enabled else None
+    if finished is not None:
+        # killed after the last checkpoint but before the stage was marked done: resuming would train
+        # a step past max_steps, so load the final weights instead
+        trainer._load_from_checkpoint(last)
+        trainer.state = finished
+        losses = [e["loss"] for e in finished.log_history if "loss" in e]
+        result = TrainOutput(finished.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
+    else:
+        result = trainer.train(resume_from_checkpoint=last)
     if has_eval:
         metrics["eval_loss_before"] = json.loads(initial_eval.read_text())["eval_loss"] if initial_eval.is_file() else None
     metrics.update(
@@ -124,6 +134,14 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     metrics.update(modeling.trainable_summary(trainer.model))
     ctx.outputs["model"] = modeling.saved_ref(trainer.model, model_dir, base or ctx.recipe.model.name_or_path).as_dict()
     return metrics
+
+
+def _finished_state(checkpoint: str):
+    """The checkpoint's TrainerState if it is the end of training, else None."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
 
 
 class KeepInitialEval(TrainerCallback):

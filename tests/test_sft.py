@@ -262,3 +262,16 @@ def test_bad_data_fails_before_training_with_a_clear_message(make_recipe, tmp_pa
     entry = manifest(run_dir)["stages"]["sft"]
     assert entry["status"] == "failed" and "'output' is empty" in entry["error"]
     assert not (run_dir / "sft" / "model").exists()
+
+
+def test_resume_at_the_final_checkpoint_loads_it_instead_of_training_past_max_steps(make_recipe, tmp_path):
+    import shutil
+
+    recipe = load_recipe(make_recipe())
+    run_dir = tmp_path / "run"
+    first = runner.run_stage(recipe, "sft", run_dir)
+    shutil.rmtree(run_dir / "sft" / "model")  # as if killed after the last checkpoint, before 'done'
+    again = runner.run_stage(recipe, "sft", run_dir)
+    assert again["metrics"]["resumed_from"] == "checkpoint-12"
+    assert again["metrics"]["steps"] == first["metrics"]["steps"] == 12
+    assert again["metrics"]["eval_loss"] == pytest.approx(first["metrics"]["eval_loss"], rel=1e-6)  # the same weights
