@@ -141,7 +141,18 @@ def load_base(cfg: ModelConfig, head: str = "causal_lm", path: str | None = None
     if head == "reward":
         kwargs["num_labels"] = 1
     try:
-        model = auto.from_pretrained(source, **kwargs)
+        if head == "reward":
+            # a causal LM has no score head: transformers reports it "MISSING"; a new head is the point here
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model = auto.from_pretrained(source, **kwargs)
+            finally:
+                hf_logging.set_verbosity(level)
+        else:
+            model = auto.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise PipelineError(f"cannot load model {source!r}: {exc}") from None
     if head == "reward" and model.config.pad_token_id is None:
