@@ -85,6 +85,13 @@ def _dispatch(args) -> int:
         export(args.run_dir, args.stage, args.out_dir)
         return 0
 
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed would otherwise warn on every import that it fell back to the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     recipe_path = args.recipe or default_recipe()
     recipe = load_recipe(recipe_path, args.overrides)
     run_dir = recipe.output_path(args.output_dir)
