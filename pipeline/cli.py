@@ -71,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from pipeline.config import load_recipe
+    from pipeline.config import load_recipe, missing_data_files
 
     if args.command == "validate":
         recipe = load_recipe(args.recipe, args.overrides)
+        missing = missing_data_files(recipe)
+        if missing:
+            raise PipelineError(f"{args.recipe}: data files not found (relative paths are relative to the recipe file):\n  " + "\n  ".join(missing))
         print(recipe.resolved_yaml(), end="")
         print(f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr)
         return 0
@@ -104,6 +107,11 @@ def _dispatch(args) -> int:
     from pipeline import report
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(recipe.stages)
+    for name in stages:
+        recipe.stage(name)
+    missing = missing_data_files(recipe, stages)
+    if missing:  # before anything heavy runs, not when the stage that needs the file starts
+        raise PipelineError(f"{recipe_path}: data files not found (relative paths are relative to the recipe file):\n  " + "\n  ".join(missing))
     launch = runner.Launch(config=args.launch or recipe.launch, recipe_path=str(recipe_path), overrides=args.overrides)
     try:
         runner.run_pipeline(recipe, run_dir, stages, launch=launch)

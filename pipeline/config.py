@@ -441,6 +441,23 @@ class Recipe(_Strict):
         return Path(override or self.output_dir or f"runs/{self.name}").resolve()
 
 
+def missing_data_files(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
+    """Local data files the given stages read that do not exist, as 'key.path: file' lines."""
+    missing = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, DataSource):
+            if node.path is not None and not Path(node.path).is_file():
+                missing.append(f"{path}.path: file not found: {node.path}")
+        elif isinstance(node, BaseModel):
+            for field in type(node).model_fields:
+                walk(getattr(node, field), f"{path}.{field}")
+
+    for name in stages or list(recipe.stages):
+        walk(recipe.stages[name], f"stages.{name}")
+    return missing
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of JSON-able settings."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -124,3 +124,15 @@ def test_override_into_a_value_is_refused(tmp_path):
         load_recipe(path, ["model.dtype.x=1"])
     with pytest.raises(RecipeError, match="expected key.path=value"):
         load_recipe(path, ["learning_rate"])
+
+
+def test_missing_data_files_are_reported_before_anything_runs(tmp_path):
+    raw = merge(BASE_RECIPE, {"stages": {"sft": {"data": {"train": {"path": str(tmp_path / "nope.jsonl")}}}}})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for command in (["validate", str(path)], ["run", str(path), "--output-dir", str(tmp_path / "run")]):
+        out = run_cli(*command)
+        assert out.returncode == 2
+        assert f"stages.sft.data.train.path: file not found: {tmp_path / 'nope.jsonl'}" in out.stderr
+        assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "manifest.json").exists()  # nothing started

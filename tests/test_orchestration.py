@@ -81,7 +81,8 @@ def test_kill_during_bon_then_run_resumes_from_finished_shards(policy_copy):
 
 
 def test_failed_stage_stops_the_run_keeps_earlier_outputs_and_reports(make_recipe, tmp_path):
-    bad = tmp_path / "missing.jsonl"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "Add.", "input": "1 and 2", "output": ""}) + "\n")
     raw = yaml.safe_load(make_recipe().read_text())
     raw["stages"]["second"] = {"kind": "sft", "init_from": "sft", "data": {"train": {"path": str(bad)}},
                                "train": {"max_steps": 2, "precision": "fp32"}}
@@ -89,12 +90,12 @@ def test_failed_stage_stops_the_run_keeps_earlier_outputs_and_reports(make_recip
                               "train": {"max_steps": 2, "precision": "fp32"}}
     recipe, run_dir = write(tmp_path, raw), tmp_path / "run"
     out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
-    assert out.returncode == 2 and f"data file not found: {bad}" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "bad.jsonl row 1 (line 1): 'output' is empty" in out.stderr and "Traceback" not in out.stderr
     stages = manifest(run_dir)
     assert stages["sft"]["status"] == "done" and Path(stages["sft"]["outputs"]["model"]["path"]).is_dir()
     assert stages["second"]["status"] == "failed" and "third" not in stages
     report = (run_dir / "report.md").read_text()
-    assert "| sft | sft | done |" in report and "| second | sft | failed |" in report and "data file not found" in report
+    assert "| sft | sft | done |" in report and "| second | sft | failed |" in report and "'output' is empty" in report
     assert "failed" in out.stdout  # the results table is printed even when the run stops
 
 
