@@ -32,7 +32,8 @@ def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
             if key.startswith("checks.") and isinstance(value, dict):
                 shown.append(f"{key[7:]}: first {value['first_sample']:.2f} / best {value['best']:.2f}")
         if entry.get("status") == "failed":
-            shown = [f"error: {entry.get('error', '')[:160]}"]
+            error = " ".join(str(entry.get("error", "")).split())  # one line: it sits in a table row
+            shown = [f"error: {error[:400]}" + ("..." if len(error) > 400 else "")]
         duration = entry.get("duration_s")
         rows.append([name, entry.get("kind", "-"), entry.get("status", "not run"), f"{duration:.1f}" if duration is not None else "-", ", ".join(shown)])
     return rows
