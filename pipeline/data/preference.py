@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.data.sources import MAX_REPORTED, Rows
+from pipeline.data.sources import MAX_REPORTED, Rows, require_columns
 from pipeline.errors import DataError, RecipeError
 
 FORMATS = ("auto", "explicit", "conversational", "implicit", "ranked")
@@ -114,13 +113,7 @@ def detect_preference_format(rows: Rows, declared: str = "auto") -> str:
     columns = set(first)
     found = ", ".join(sorted(columns)) or "(none)"
     if declared != "auto":
-        missing = [c for c in REQUIRED[declared] if c not in columns]
-        if missing:
-            raise DataError(
-                f"{rows.source}: format {declared!r} needs column(s) {', '.join(map(repr, missing))} "
-                f"({NEEDS[declared]}), but the first row has: {found}. "
-                f"Map your column names in the recipe, e.g. {_suggest_mapping(columns, missing)}"
-            )
+        require_columns(rows, declared, REQUIRED[declared], explain=NEEDS[declared], suggest=_suggest_mapping)
         return declared
     if "responses" in columns and "scores" in columns:
         if "prompt" not in columns:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.data.sources import MAX_REPORTED, Rows, read_source
+from pipeline.data.sources import MAX_REPORTED, Rows, read_source, require_columns
 from pipeline.data.templates import render_prompt
 from pipeline.errors import DataError
 
@@ -39,13 +39,7 @@ class Example:
 def detect_format(rows: Rows, declared: str) -> str:
     columns = set(rows.rows[0])
     if declared != "auto":
-        missing = [c for c in REQUIRED[declared] if c not in columns]
-        if missing:
-            raise DataError(
-                f"{rows.source}: format {declared!r} needs column(s) {', '.join(map(repr, missing))}, "
-                f"but the first row has: {', '.join(sorted(columns)) or '(none)'}. "
-                f"Map your column names in the recipe, e.g. columns: {{{missing[0]}: <your column>}}"
-            )
+        require_columns(rows, declared, REQUIRED[declared])
         return declared
     for fmt in ("messages", "alpaca", "prompt_completion"):
         if all(c in columns for c in REQUIRED[fmt]):

@@ -149,6 +149,20 @@ def rename_columns(rows: Rows, mapping: dict[str, str]) -> Rows:
     return Rows(rows.source, renamed, rows.where)
 
 
+def require_columns(rows: Rows, fmt: str, required, explain: str = "", suggest=None) -> None:
+    """A declared format's columns must be in the first row; the error says how to map yours.
+    ``suggest(columns, missing)`` may propose a better ``columns:`` mapping than the generic one."""
+    columns = set(rows.rows[0]) if rows.rows else set()
+    missing = [c for c in required if c not in columns]
+    if missing:
+        hint = suggest(columns, missing) if suggest else f"columns: {{{missing[0]}: <your column>}}"
+        raise DataError(
+            f"{rows.source}: format {fmt!r} needs column(s) {', '.join(map(repr, missing))}"
+            + (f" ({explain})" if explain else "")
+            + f", but the first row has: {', '.join(sorted(columns)) or '(none)'}. Map your column names in the recipe, e.g. {hint}"
+        )
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write rows atomically (a temp file renamed into place)."""
     tmp = path.with_name(path.name + ".tmp")

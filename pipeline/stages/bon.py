@@ -23,7 +23,6 @@ def run(ctx) -> dict[str, Any]:
     cfg, recipe = ctx.cfg, ctx.recipe
     template = cfg.template or recipe.stages[cfg.policy_from].data.template
     prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
-    scorer = build_scorer(cfg.scorer, ctx)
     checks = {name: load_function(ref, f"stages.{ctx.name}.report.{name}") for name, ref in cfg.report.items()}
 
     shards = [prompts[i:i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
@@ -31,7 +30,8 @@ def run(ctx) -> dict[str, Any]:
     mine = [k for k in range(len(shards)) if k % ctx.world_size == ctx.process_index]
     todo = [k for k in mine if not _complete(shard_path(shard_dir, k), shards[k], cfg.n)]
     generated_tokens, generation_s = 0, 0.0
-    if todo:
+    if todo:  # a rerun with every shard finished loads neither the policy nor the scorer
+        scorer = build_scorer(cfg.scorer, ctx)
         policy = ctx.model_of(cfg.policy_from)
         tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path, padding_side="left")
         model = modeling.load_policy(recipe.model, None, init=policy, trainable=False)

@@ -58,7 +58,7 @@ def run(ctx) -> dict[str, Any]:
             del model
 
     if cfg.bon_from:
-        results["bon"], bon_texts, bon_rewards = _best_of_n(ctx, prompts, checks, rm)
+        results["bon"], bon_texts, bon_rewards = _best_of_n(ctx, prompts, checks, rm, loaded={cfg.reference: reference})
         responses["bon"] = bon_texts
         if bon_rewards is not None:
             rewards["bon"] = bon_rewards
@@ -112,14 +112,15 @@ def _kl_estimate(policy, reference, tokenizer, prompts, prompt_ids, cfg, seed: i
     return round(statistics.fmean(a - b for a, b in zip(lp_policy, lp_ref)), 4)
 
 
-def _best_of_n(ctx, prompts, checks, rm):
-    """Best-of-n as a policy: the bon stage's sampler and scorer on these prompts."""
+def _best_of_n(ctx, prompts, checks, rm, loaded: dict):
+    """Best-of-n as a policy: the bon stage's sampler and scorer on these prompts.
+    ``loaded``: models already in memory by stage name (its policy is usually the reference)."""
     bon = ctx.recipe.stages[ctx.cfg.bon_from]
     from pipeline.stages.bon import sample_shard
 
     policy_ref = ctx.model_of(bon.policy_from)
     tokenizer = modeling.load_tokenizer(ctx.recipe.model, path=policy_ref.path, padding_side="left")
-    model = _load(ctx, bon.policy_from)
+    model = loaded.get(bon.policy_from) or _load(ctx, bon.policy_from)
     candidates, _ = sample_shard(model, tokenizer, prompts, bon, seed=ctx.seed)
     scorer = rm if (bon.scorer.reward_from and rm is not None and bon.scorer.reward_from == ctx.cfg.reward_from) else build_scorer(bon.scorer, ctx)
     for c, score in zip(candidates, scorer.score(candidates)):
