@@ -16,9 +16,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from pipeline.config import Recipe, config_hash
+from pipeline.config.schema import Recipe, iter_sources
+from pipeline.fileio import write_json_atomic
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = ("pipeline-alignment", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed", "wandb")
@@ -26,20 +25,6 @@ TRACKED_PACKAGES = ("pipeline-alignment", "torch", "transformers", "trl", "peft"
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class Manifest:
@@ -82,27 +67,19 @@ def file_fingerprint(path: Path) -> str:
 def data_fingerprints(stage_cfg) -> dict[str, str]:
     """Fingerprints of the local data files a stage reads (Hub data is keyed by id and split)."""
     found: dict[str, str] = {}
-
-    def walk(node: Any) -> None:
-        if hasattr(node, "path") and hasattr(node, "hub") and hasattr(node, "split"):
-            if node.path:
-                p = Path(node.path)
-                found[str(p)] = file_fingerprint(p) if p.is_file() else "missing"
-            else:
-                found[f"hub:{node.hub}/{node.subset}[{node.split}]"] = "hub"
-            return
-        if isinstance(node, BaseModel):
-            for field in type(node).model_fields:
-                walk(getattr(node, field))
-        elif isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
-
-    walk(stage_cfg)
+    for _, source in iter_sources(stage_cfg):
+        if source.path:
+            p = Path(source.path)
+            found[str(p)] = file_fingerprint(p) if p.is_file() else "missing"
+        elif source.hub:
+            found[f"hub:{source.hub}/{source.subset}[{source.split}]"] = "hub"
     return found
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of JSON-able settings."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stage_hash(recipe: Recipe, name: str, upstream_hashes: dict[str, str]) -> str:

@@ -13,11 +13,10 @@ from typing import Any
 
 import yaml
 
-from pipeline.artifacts import MANIFEST, Manifest, now, write_json_atomic
+from pipeline import stages
+from pipeline.artifacts import MANIFEST, Manifest, now
 from pipeline.errors import PipelineError
-
-# stage kind -> model head of its output
-HEADS = {"reward": "reward"}
+from pipeline.fileio import write_json_atomic
 
 
 def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> dict[str, Any]:
@@ -30,7 +29,8 @@ def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> d
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PipelineError(f"export: {out_dir} exists and is not an empty directory; choose a new OUT_DIR")
     entry = Manifest(run_dir).stage(stage)
-    head = HEADS.get(entry.get("kind", ""), "causal_lm")
+    kind = stages.kinds().get(entry.get("kind", ""))
+    head = (kind.model_head if kind else None) or "causal_lm"
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     if ref.kind == "full":

@@ -7,15 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import plots
+from pipeline import plots, stages
 
-KEY_METRICS = {
-    "sft": ("eval_loss_before", "eval_loss", "steps", "train_rows"),
-    "reward": ("heldout_accuracy", "heldout_margin_mean", "reward_length_correlation", "steps"),
-    "bon": ("prompts", "n", "best_rows", "pairs", "tokens_per_s"),
-    "dpo": ("heldout_reward_accuracy", "heldout_reward_margin", "eval_loss", "steps"),
-    "eval": ("prompts",),
-}
+
+def _key_metrics(kind: str) -> tuple[str, ...]:
+    found = stages.kinds().get(kind)
+    return found.key_metrics if found else ()
 
 
 def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
@@ -24,7 +21,7 @@ def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
         entry = manifest["stages"].get(name, {})
         metrics = entry.get("metrics", {})
         shown = []
-        for key in KEY_METRICS.get(entry.get("kind", ""), ()):
+        for key in _key_metrics(entry.get("kind", "")):
             if isinstance(metrics.get(key), (int, float)):
                 value = metrics[key]
                 shown.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
@@ -39,7 +36,8 @@ def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
     return rows
 
 
-def policy_rows(eval_metrics: dict[str, Any]) -> list[list[str]]:
+def policy_rows(eval_metrics: dict[str, Any], first_samples: bool = True) -> list[list[str]]:
+    """One row per evaluated policy (and, for best-of-n, its first sample's figures)."""
     policies = eval_metrics.get("policies", {})
     keys: list[str] = []
     for m in policies.values():
@@ -48,7 +46,7 @@ def policy_rows(eval_metrics: dict[str, Any]) -> list[list[str]]:
     for name, m in policies.items():
         rows.append([name] + [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys])
         first = m.get("first_sample")
-        if isinstance(first, dict):
+        if first_samples and isinstance(first, dict):
             rows.append([f"  {name} (first sample)"] + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys])
     return rows
 

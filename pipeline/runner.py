@@ -6,7 +6,6 @@ the main process alone writes the manifest). ``run_pipeline`` runs a recipe's st
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -17,78 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Manifest, git_commit, now, package_versions, stage_hash, write_json_atomic, write_text_atomic
-from pipeline.config import Recipe, StageConfig
+from pipeline import stages
+from pipeline.artifacts import Manifest, git_commit, now, package_versions, stage_hash
+from pipeline.config.schema import Recipe
+from pipeline.context import StageContext, not_done
 from pipeline.errors import GateFailed, PipelineError
+from pipeline.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-# stage kind -> module with ``run(ctx) -> metrics``
-STAGE_MODULES = {"sft": "pipeline.stages.sft", "bon": "pipeline.stages.bon", "reward": "pipeline.stages.reward", "dpo": "pipeline.stages.dpo", "eval": "pipeline.stages.eval"}
-
-
-@dataclass
-class StageContext:
-    recipe: Recipe
-    name: str
-    cfg: StageConfig
-    run_dir: Path
-    stage_dir: Path
-    seed: int
-    is_main: bool = True
-    world_size: int = 1
-    process_index: int = 0
-    show_progress: bool = False
-    device: Any = "cpu"
-    config_hash: str = ""
-    # filled by the stage: name -> path or structured reference, recorded in the manifest
-    outputs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def manifest(self) -> Manifest:
-        return Manifest(self.run_dir)
-
-    def say(self, message: str) -> None:
-        if self.is_main:
-            print(message, flush=True)
-
-    def upstream_entry(self, stage: str) -> dict[str, Any]:
-        entry = self.manifest.stage(stage)
-        if entry.get("status") != "done":
-            raise PipelineError(_not_done(self.name, stage, entry))
-        return entry
-
-    def wait(self) -> None:
-        """Barrier across processes (no-op in a single process)."""
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-
-    def resolve_source(self, source, default_output: str = "best"):
-        """A data source that names an earlier stage's output becomes the file that stage wrote."""
-        if source is None or source.from_stage is None:
-            return source
-        outputs = self.upstream_entry(source.from_stage)["outputs"]
-        key = source.output or default_output
-        if key not in outputs:
-            raise PipelineError(f"stage {source.from_stage!r} has no output {key!r}; it has: {', '.join(outputs)}")
-        return source.model_copy(update={"path": outputs[key], "from_stage": None, "output": None})
-
-    def model_of(self, stage: str | None):
-        """The model an earlier stage produced, or None when ``stage`` is None."""
-        if stage is None:
-            return None
-        from pipeline.modeling import ModelRef
-
-        return ModelRef.from_dict(self.upstream_entry(stage)["outputs"]["model"])
-
-
-def _not_done(consumer: str, stage: str, entry: dict[str, Any]) -> str:
-    status = entry.get("status", "not run")
-    return (
-        f"stage {consumer!r} needs the output of stage {stage!r}, which is {status} in this run directory; "
-        f"run it first (pipeline run RECIPE --stages {stage},{consumer}) or point --output-dir at the run that has it"
-    )
 
 
 def _quiet_libraries() -> None:
@@ -106,7 +41,7 @@ def _hash_for(recipe: Recipe, name: str, manifest: Manifest) -> tuple[str, dict[
     for target in recipe.stages[name].upstream().values():
         entry = manifest.stage(target)
         if entry.get("status") != "done":
-            raise PipelineError(_not_done(name, target, entry))
+            raise PipelineError(not_done(name, target, entry))
         upstream[target] = entry["config_hash"]
     return stage_hash(recipe, name, upstream), upstream
 
@@ -181,8 +116,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     try:
         with tracked(recipe, name, ctx.stage_dir, ctx.is_main, say=ctx.say) as tracker:
             set_seed(seed)
-            module = importlib.import_module(STAGE_MODULES[cfg.kind])
-            metrics = module.run(ctx)
+            metrics = stages.get(cfg.kind).run(ctx)
     except BaseException as exc:
         if ctx.is_main:
             reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"

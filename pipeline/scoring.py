@@ -114,8 +114,6 @@ def reward_scorer(ctx, stage: str, batch_size: int = 64) -> RewardModelScorer:
     ref = ctx.model_of(stage)
     recipe = ctx.recipe
     tokenizer = modeling.load_tokenizer(recipe.model, path=ref.path)
-    model = modeling.load_trained_reward_model(recipe.model, ref)
-    if recipe.model.quantization == "none":
-        model.to(ctx.device)
+    model = modeling.load_trained_reward_model(recipe.model, ref, ctx.device)
     max_length = recipe.stages[stage].data.max_length
     return RewardModelScorer(model, tokenizer, f"reward model of {stage!r}", batch_size, max_length, ctx.is_main and ctx.show_progress)

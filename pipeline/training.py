@@ -16,9 +16,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from pipeline import modeling
-from pipeline.artifacts import write_json_atomic
+from pipeline import compat, modeling
 from pipeline.errors import RecipeError
+from pipeline.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,16 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def trl_args(config_cls, ctx, **stage_specific: Any):
-    """Build a TRL config (SFTConfig, RewardConfig, DPOConfig...) from the stage's ``train`` block."""
+def to_dataset(records: list[dict[str, Any]]):
+    """Rows as an in-memory ``datasets.Dataset`` for a trainer; None when there are none."""
+    import datasets
+
+    return datasets.Dataset.from_list(records) if records else None
+
+
+def trl_args(config_cls, ctx, precision: str | None = None, **stage_specific: Any):
+    """Build a TRL config (SFTConfig, RewardConfig, DPOConfig...) from the stage's ``train`` block.
+    ``precision`` overrides ``train.precision`` where a stage needs a particular one."""
     train = ctx.cfg.train
     report_to = [r for r in ctx.recipe.tracking.report_to if r != "none"]
     kwargs: dict[str, Any] = dict(
@@ -66,7 +74,7 @@ def trl_args(config_cls, ctx, **stage_specific: Any):
         report_to=report_to or "none",
         disable_tqdm=not ctx.show_progress,
         dataloader_num_workers=0,
-        **precision_flags(train.precision),
+        **precision_flags(precision or train.precision),
     )
     if ctx.recipe.model.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
@@ -101,8 +109,9 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     has_eval = trainer.eval_dataset is not None
     # The before-training eval runs inside train() (eval_on_start): under DeepSpeed ZeRO-1/2 an
     # evaluate() before train() fails ("ZeRO inference only makes sense with ZeRO Stage 3").
-    trainer.args.eval_on_start = has_eval and not (last and initial_eval.is_file())
-    if trainer.args.eval_on_start:
+    eval_on_start = has_eval and not (last and initial_eval.is_file())
+    compat.set_eval_on_start(trainer, eval_on_start)
+    if eval_on_start:
         trainer.add_callback(KeepInitialEval(initial_eval, ctx.is_main))
     if last:
         log.info("resuming %s from %s", ctx.name, last)
@@ -111,8 +120,7 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     if finished is not None:
         # killed after the last checkpoint but before the stage was marked done: resuming would train
         # a step past max_steps, so load the final weights instead
-        trainer._load_from_checkpoint(last)
-        trainer.state = finished
+        compat.load_final_checkpoint(trainer, last, finished)
         losses = [e["loss"] for e in finished.log_history if "loss" in e]
         result = TrainOutput(finished.global_step, sum(losses) / len(losses) if losses else float("nan"), {})
     else:

@@ -265,13 +265,20 @@ def test_declared_format_checks_its_columns(tmp_path):
         load(tmp_path, [{"responses": ["a", "b"], "scores": [1, 0]}])
 
 
-def test_bad_options_are_recipe_errors(tmp_path):
-    rows = Rows("mem", [{"prompt": "p", "chosen": "a", "rejected": "b"}], ["row 1"])
-    for kw in ({"format": "pairs"}, {"format": "auto", "ranked_strategy": "best"}, {"format": "auto", "on_bad_row": "skip"}):
-        with pytest.raises(RecipeError):
-            load_preference_pairs(rows, **kw)
-    with pytest.raises(RecipeError):
-        lint_pairs([], action="warn")
+def test_bad_options_are_recipe_errors_naming_the_key(tmp_path):
+    """The recipe's Literal types refuse bad preference options before any data is read."""
+    from pipeline.config import recipe_from_dict
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    for key, value in (("format", "pairs"), ("ranked_strategy", "best"), ("on_bad_row", "skip"), ("lint", "warn")):
+        train = {"path": str(data), "format": value} if key == "format" else {"path": str(data)}
+        options = {} if key == "format" else {key: value}
+        raw = {"name": "t", "stages": {"reward": {"kind": "reward", "data": {"train": train, **options}}}}
+        with pytest.raises(RecipeError) as err:
+            recipe_from_dict(raw)
+        where = "stages.reward.data.train.format" if key == "format" else f"stages.reward.data.{key}"
+        assert where in str(err.value) and repr(value) in str(err.value)
 
 
 def test_rows_built_directly_without_locations():

@@ -25,13 +25,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.data.sources import MAX_REPORTED, Rows, require_columns
+from pipeline.data.sources import MAX_REPORTED, RowProblem, Rows, extra_columns, holdout_split, require_columns
 from pipeline.errors import DataError, RecipeError
 
-FORMATS = ("auto", "explicit", "conversational", "implicit", "ranked")
-RANKED_STRATEGIES = ("best_vs_worst", "best_vs_each", "all_pairs")
-ON_BAD_ROW = ("error", "drop")
-LINT_ACTIONS = ("drop", "error")
 ROLES = ("system", "user", "assistant")
 HH_MARKERS = ("\n\nHuman:", "\n\nAssistant:")  # (human, assistant) turn markers of Anthropic HH
 
@@ -105,8 +101,6 @@ def detect_preference_format(rows: Rows, declared: str = "auto") -> str:
     auto: responses + scores -> ranked; chosen + rejected with a list ``chosen`` -> conversational;
     chosen + rejected + prompt -> explicit; chosen + rejected (strings, no prompt) -> implicit.
     """
-    if declared not in FORMATS:
-        raise RecipeError(f"preference data format {declared!r} is not one of: {', '.join(FORMATS)}")
     if not rows.rows:
         raise DataError(f"{rows.source}: no rows")
     first = rows.rows[0]
@@ -151,12 +145,6 @@ def _suggest_mapping(columns: set[str], missing: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-class _RowProblem(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
 def load_preference_pairs(
     rows: Rows,
     format: str = "auto",
@@ -171,10 +159,6 @@ def load_preference_pairs(
     file and row of each (on_bad_row="error"), or are dropped and counted by reason ("drop").
     All pairs must have one shape (all text or all conversational): TRL needs a uniform dataset.
     """
-    if ranked_strategy not in RANKED_STRATEGIES:
-        raise RecipeError(f"ranked_strategy {ranked_strategy!r} is not one of: {', '.join(RANKED_STRATEGIES)}")
-    if on_bad_row not in ON_BAD_ROW:
-        raise RecipeError(f"on_bad_row {on_bad_row!r} is not one of: {', '.join(ON_BAD_ROW)}")
     human, assistant = turn_markers
     if not human or not assistant:
         raise RecipeError(f"turn_markers must be two non-empty strings (human, assistant), got {turn_markers!r}")
@@ -186,41 +170,7 @@ def load_preference_pairs(
     if fmt == "ranked":
         stats.update(ranked_strategy=ranked_strategy, rows_without_pairs=0)
 
-    pairs: list[PreferencePair] = []
-    problems: list[str] = []
-    reasons: Counter = Counter()
-    shape: tuple[str, str] | None = None  # (kind, where) of the first good pair
-    for i, row in enumerate(rows.rows):
-        where = _at(rows, i)
-        try:
-            if fmt == "explicit":
-                got = [_from_explicit(row, where)]
-            elif fmt == "conversational":
-                got = [_from_conversational(row, where)]
-            elif fmt == "implicit":
-                got = [_from_implicit(row, where, human, assistant)]
-            else:
-                got, ties = _from_ranked(row, where, ranked_strategy)
-                stats["skipped_ties"] += ties
-                if not got:
-                    stats["rows_without_pairs"] += 1
-            if got:
-                kind = "conversational" if got[0].conversational else "text"
-                if shape is None:
-                    shape = (kind, where)
-                elif kind != shape[0]:
-                    raise _RowProblem(
-                        "mixed_shapes",
-                        f"this row is {kind} but {shape[1]} is {shape[0]}; all rows must be the same shape "
-                        "(all text prompts, or all message-list prompts)",
-                    )
-            pairs.extend(got)
-        except _RowProblem as exc:
-            reasons[exc.reason] += 1
-            if exc.reason == "unsplittable":
-                stats["split_failures"] += 1
-            problems.append(f"{where}: {exc}")
-
+    pairs, problems, reasons = _adapt_rows(rows, fmt, stats, ranked_strategy, (human, assistant))
     stats["bad_rows"] = len(problems)
     if problems and on_bad_row == "error":
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
@@ -244,12 +194,51 @@ def load_preference_pairs(
     return pairs, stats
 
 
+def _adapt_rows(rows: Rows, fmt: str, stats: dict[str, Any], ranked_strategy: str, markers: tuple[str, str]):
+    """Every row through its format's adapter: (pairs, problems as 'where: what', Counter of reasons)."""
+    pairs: list[PreferencePair] = []
+    problems: list[str] = []
+    reasons: Counter = Counter()
+    shape: tuple[str, str] | None = None  # (kind, where) of the first good pair
+    for i, row in enumerate(rows.rows):
+        where = _at(rows, i)
+        try:
+            got = _adapt_row(row, where, fmt, stats, ranked_strategy, markers)
+            if got:
+                kind = "conversational" if got[0].conversational else "text"
+                if shape is None:
+                    shape = (kind, where)
+                elif kind != shape[0]:
+                    raise RowProblem(
+                        f"this row is {kind} but {shape[1]} is {shape[0]}; all rows must be the same shape "
+                        "(all text prompts, or all message-list prompts)",
+                        "mixed_shapes",
+                    )
+            pairs.extend(got)
+        except RowProblem as exc:
+            reasons[exc.reason] += 1
+            if exc.reason == "unsplittable":
+                stats["split_failures"] += 1
+            problems.append(f"{where}: {exc}")
+    return pairs, problems, reasons
+
+
+def _adapt_row(row: dict, where: str, fmt: str, stats: dict[str, Any], ranked_strategy: str, markers: tuple[str, str]):
+    if fmt == "explicit":
+        return [_from_explicit(row, where)]
+    if fmt == "conversational":
+        return [_from_conversational(row, where)]
+    if fmt == "implicit":
+        return [_from_implicit(row, where, *markers)]
+    got, ties = _from_ranked(row, where, ranked_strategy)
+    stats["skipped_ties"] += ties
+    if not got:
+        stats["rows_without_pairs"] += 1
+    return got
+
+
 def _at(rows: Rows, i: int) -> str:
     return rows.at(i) if i < len(rows.where) else f"{rows.source} row {i + 1}"
-
-
-def _meta(row: dict, used: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in used}
 
 
 def _short(value: Any, n: int = 40) -> str:
@@ -258,39 +247,39 @@ def _short(value: Any, n: int = 40) -> str:
 
 def _need(row: dict, key: str) -> Any:
     if key not in row or row[key] is None:
-        raise _RowProblem("missing", f"{key!r} is missing")
+        raise RowProblem(f"{key!r} is missing", "missing")
     return row[key]
 
 
 def _string(row: dict, key: str, hint: str = "") -> str:
     value = _need(row, key)
     if not isinstance(value, str):
-        raise _RowProblem("wrong_type", f"{key!r} must be a string, got {type(value).__name__} ({_short(value)}){hint}")
+        raise RowProblem(f"{key!r} must be a string, got {type(value).__name__} ({_short(value)}){hint}", "wrong_type")
     return value
 
 
 def _messages(value: Any, key: str) -> list[dict[str, str]]:
     """Validate a message list; keep role and content only."""
     if not isinstance(value, list):
-        raise _RowProblem("wrong_type", f"{key!r} must be a list of {{role, content}} messages, got {type(value).__name__} ({_short(value)})")
+        raise RowProblem(f"{key!r} must be a list of {{role, content}} messages, got {type(value).__name__} ({_short(value)})", "wrong_type")
     if not value:
-        raise _RowProblem("empty", f"{key!r} is an empty message list")
+        raise RowProblem(f"{key!r} is an empty message list", "empty")
     clean = []
     for j, msg in enumerate(value):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             hint = " (from/value messages: rename them to role/content)" if isinstance(msg, dict) and "from" in msg else ""
-            raise _RowProblem("bad_message", f"{key}[{j}] must be an object with 'role' and 'content'{hint}")
+            raise RowProblem(f"{key}[{j}] must be an object with 'role' and 'content'{hint}", "bad_message")
         if msg["role"] not in ROLES:
-            raise _RowProblem("bad_role", f"{key}[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}")
+            raise RowProblem(f"{key}[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}", "bad_role")
         if not isinstance(msg["content"], str):
-            raise _RowProblem("bad_message", f"{key}[{j}].content must be a string, got {type(msg['content']).__name__}")
+            raise RowProblem(f"{key}[{j}].content must be a string, got {type(msg['content']).__name__}", "bad_message")
         clean.append({"role": msg["role"], "content": msg["content"]})
     return clean
 
 
 def _check_prompt_messages(prompt: list[dict], what: str) -> None:
     if not any(m["role"] == "user" and m["content"].strip() for m in prompt):
-        raise _RowProblem("bad_message", f"{what} needs a user message with content")
+        raise RowProblem(f"{what} needs a user message with content", "bad_message")
 
 
 def _prompt_value(row: dict) -> str | list[dict]:
@@ -301,9 +290,9 @@ def _prompt_value(row: dict) -> str | list[dict]:
         _check_prompt_messages(prompt, "'prompt'")
         return prompt
     if not isinstance(value, str):
-        raise _RowProblem("wrong_type", f"'prompt' must be a string or a message list, got {type(value).__name__} ({_short(value)})")
+        raise RowProblem(f"'prompt' must be a string or a message list, got {type(value).__name__} ({_short(value)})", "wrong_type")
     if not value.strip():
-        raise _RowProblem("empty", "'prompt' is empty")
+        raise RowProblem("'prompt' is empty", "empty")
     return value
 
 
@@ -315,7 +304,7 @@ def _from_explicit(row: dict, where: str) -> PreferencePair:
     prompt = _prompt_value(row)
     hint = "; for message lists use format conversational (or auto)"
     chosen, rejected = _string(row, "chosen", hint), _string(row, "rejected", hint)
-    meta = _meta(row, ("prompt", "chosen", "rejected"))
+    meta = extra_columns(row, ("prompt", "chosen", "rejected"))
     if isinstance(prompt, list):
         return PreferencePair(prompt, _assistant(chosen), _assistant(rejected), where, meta)
     return PreferencePair(prompt, chosen, rejected, where, meta)
@@ -335,37 +324,28 @@ def _from_conversational(row: dict, where: str) -> PreferencePair:
             chosen, rejected = chosen[n:], rejected[n:]
         for key, side in (("chosen", chosen), ("rejected", rejected)):
             if side[0]["role"] != "assistant":
-                raise _RowProblem(
-                    "prompt_mismatch",
-                    f"prompt mismatch: {key!r} starts with a {side[0]['role']} message that does not repeat the 'prompt' "
-                    "messages; give chosen/rejected as the assistant turn(s) only, or as full transcripts starting with the prompt",
-                )
+                raise RowProblem(f"prompt mismatch: {key!r} starts with a {side[0]['role']} message that does not repeat the 'prompt' "
+                    "messages; give chosen/rejected as the assistant turn(s) only, or as full transcripts starting with the prompt", "prompt_mismatch")
             if side[-1]["role"] != "assistant":
-                raise _RowProblem("bad_message", f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})")
-        return PreferencePair(prompt, chosen, rejected, where, _meta(row, ("prompt", "chosen", "rejected")))
+                raise RowProblem(f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})", "bad_message")
+        return PreferencePair(prompt, chosen, rejected, where, extra_columns(row, ("prompt", "chosen", "rejected")))
     if prompt_col is not None and not isinstance(prompt_col, str):
-        raise _RowProblem("wrong_type", f"'prompt' must be a message list (or absent), got {type(prompt_col).__name__} ({_short(prompt_col)})")
+        raise RowProblem(f"'prompt' must be a message list (or absent), got {type(prompt_col).__name__} ({_short(prompt_col)})", "wrong_type")
     if all(m["role"] == "assistant" for m in chosen + rejected):
-        raise _RowProblem(
-            "missing",
-            "chosen and rejected hold only assistant messages, so the prompt must come from a 'prompt' column "
-            "holding a message list" + (" (this row's 'prompt' is text)" if isinstance(prompt_col, str) else ""),
-        )
+        raise RowProblem("chosen and rejected hold only assistant messages, so the prompt must come from a 'prompt' column "
+            "holding a message list" + (" (this row's 'prompt' is text)" if isinstance(prompt_col, str) else ""), "missing")
     # Full transcripts: the prompt is everything before the final assistant message of each.
     for key, side in (("chosen", chosen), ("rejected", rejected)):
         if side[-1]["role"] != "assistant":
-            raise _RowProblem("bad_message", f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})")
+            raise RowProblem(f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})", "bad_message")
     p_chosen, p_rejected = chosen[:-1], rejected[:-1]
     if p_chosen != p_rejected:
         k = next((j for j, (a, b) in enumerate(zip(p_chosen, p_rejected)) if a != b), min(len(p_chosen), len(p_rejected)))
-        raise _RowProblem(
-            "prompt_mismatch",
-            f"prompt mismatch: chosen and rejected differ at message {k} before their final assistant turn "
-            f"(chosen has {len(chosen)} messages, rejected {len(rejected)}); only the last assistant message may differ",
-        )
+        raise RowProblem(f"prompt mismatch: chosen and rejected differ at message {k} before their final assistant turn "
+            f"(chosen has {len(chosen)} messages, rejected {len(rejected)}); only the last assistant message may differ", "prompt_mismatch")
     _check_prompt_messages(p_chosen, "the conversation before the final assistant message")
     # A text 'prompt' column beside full transcripts (e.g. UltraFeedback) is kept as metadata.
-    meta = _meta(row, ("chosen", "rejected"))
+    meta = extra_columns(row, ("chosen", "rejected"))
     return PreferencePair(p_chosen, chosen[-1:], rejected[-1:], where, meta)
 
 
@@ -373,18 +353,18 @@ def split_transcript(text: str, key: str = "text", turn_markers: tuple[str, str]
     """Split a transcript at its last assistant marker: (prompt ending with the marker, response, lead).
 
     ``lead`` is the one leading space taken off the response (HH writes "Assistant: reply").
-    Raises _RowProblem("unsplittable") when there is no assistant turn, no human turn before it, or a
+    Raises RowProblem("unsplittable") when there is no assistant turn, no human turn before it, or a
     human turn after it.
     """
     human, assistant = turn_markers
     idx = text.rfind(assistant)
     if idx < 0:
-        raise _RowProblem("unsplittable", f"{key!r} has no {assistant!r} turn, so the prompt cannot be split off")
+        raise RowProblem(f"{key!r} has no {assistant!r} turn, so the prompt cannot be split off", "unsplittable")
     prompt, response = text[: idx + len(assistant)], text[idx + len(assistant):]
     if human in response:
-        raise _RowProblem("unsplittable", f"{key!r} ends with a {human!r} turn after its last {assistant!r} turn; the transcript must end with the assistant's reply")
+        raise RowProblem(f"{key!r} ends with a {human!r} turn after its last {assistant!r} turn; the transcript must end with the assistant's reply", "unsplittable")
     if human not in prompt and not prompt.lstrip().startswith(human.strip()):
-        raise _RowProblem("unsplittable", f"{key!r} has no {human!r} turn before its final {assistant!r} turn")
+        raise RowProblem(f"{key!r} has no {human!r} turn before its final {assistant!r} turn", "unsplittable")
     lead = " " if response.startswith(" ") else ""
     return prompt, response[len(lead):], lead
 
@@ -396,13 +376,10 @@ def _from_implicit(row: dict, where: str, human: str, assistant: str) -> Prefere
     p_r, r_r, lead_r = split_transcript(rejected, "rejected", (human, assistant))
     if p_c != p_r:
         k = next((j for j, (a, b) in enumerate(zip(p_c, p_r)) if a != b), min(len(p_c), len(p_r)))
-        raise _RowProblem(
-            "unsplittable",
-            f"chosen and rejected differ before their final {assistant!r} turn (first at character {k}: "
+        raise RowProblem(f"chosen and rejected differ before their final {assistant!r} turn (first at character {k}: "
             f"chosen {p_c[max(0, k - 15):k + 15]!r} vs rejected {p_r[max(0, k - 15):k + 15]!r}); "
-            "only the last assistant reply may differ",
-        )
-    return PreferencePair(p_c, r_c, r_r, where, _meta(row, ("chosen", "rejected")), (lead_c, lead_r))
+            "only the last assistant reply may differ", "unsplittable")
+    return PreferencePair(p_c, r_c, r_r, where, extra_columns(row, ("chosen", "rejected")), (lead_c, lead_r))
 
 
 def _number(value: Any) -> bool:
@@ -413,19 +390,19 @@ def _from_ranked(row: dict, where: str, strategy: str) -> tuple[list[PreferenceP
     prompt = _prompt_value(row)
     responses, scores = _need(row, "responses"), _need(row, "scores")
     if not isinstance(responses, list):
-        raise _RowProblem("wrong_type", f"'responses' must be a list of strings, got {type(responses).__name__} ({_short(responses)})")
+        raise RowProblem(f"'responses' must be a list of strings, got {type(responses).__name__} ({_short(responses)})", "wrong_type")
     if not isinstance(scores, list):
-        raise _RowProblem("wrong_type", f"'scores' must be a list of numbers, got {type(scores).__name__} ({_short(scores)})")
+        raise RowProblem(f"'scores' must be a list of numbers, got {type(scores).__name__} ({_short(scores)})", "wrong_type")
     if len(responses) < 2:
-        raise _RowProblem("too_few_responses", f"'responses' has {len(responses)} item(s); a ranking needs at least 2")
+        raise RowProblem(f"'responses' has {len(responses)} item(s); a ranking needs at least 2", "too_few_responses")
     if len(responses) != len(scores):
-        raise _RowProblem("length_mismatch", f"'responses' has {len(responses)} items but 'scores' has {len(scores)}; give one score per response")
+        raise RowProblem(f"'responses' has {len(responses)} items but 'scores' has {len(scores)}; give one score per response", "length_mismatch")
     for j, r in enumerate(responses):
         if not isinstance(r, str):
-            raise _RowProblem("wrong_type", f"responses[{j}] must be a string, got {type(r).__name__} ({_short(r)})")
+            raise RowProblem(f"responses[{j}] must be a string, got {type(r).__name__} ({_short(r)})", "wrong_type")
     for j, s in enumerate(scores):
         if not _number(s):
-            raise _RowProblem("bad_score", f"scores[{j}] must be a finite number, got {type(s).__name__} ({_short(s)})")
+            raise RowProblem(f"scores[{j}] must be a finite number, got {type(s).__name__} ({_short(s)})", "bad_score")
 
     n = len(scores)
     best = max(range(n), key=lambda j: scores[j])  # first of the best
@@ -444,7 +421,7 @@ def _from_ranked(row: dict, where: str, strategy: str) -> tuple[list[PreferenceP
                     ties += 1
                 else:
                     order.append((a, b) if scores[a] > scores[b] else (b, a))
-    meta = _meta(row, ("prompt", "responses", "scores"))
+    meta = extra_columns(row, ("prompt", "responses", "scores"))
     pairs = []
     for c, r in order:
         pair_meta = {**meta, "chosen_index": c, "rejected_index": r, "chosen_score": scores[c], "rejected_score": scores[r], "margin": scores[c] - scores[r]}
@@ -495,24 +472,13 @@ def lint_pairs(
     is given, else characters), the fraction of pairs where chosen is longer than rejected (a length-bias
     warning sign), duplicate and contradictory (same pair, both ways round) pair counts, and warnings.
     """
-    if action not in LINT_ACTIONS:
-        raise RecipeError(f"lint action {action!r} is not one of: {', '.join(LINT_ACTIONS)}")
     check_prompt = count_tokens is not None and max_length is not None
     counts: Counter = Counter({k: 0 for k in _FIXES})
     examples: dict[str, list[str]] = {k: [] for k in _FIXES}
     offending: list[str] = []
     kept: list[PreferencePair] = []
     for pair in pairs:
-        found = []
-        if _same(pair.chosen, pair.rejected):
-            found.append(("identical", "chosen and rejected are identical"))
-        empty = [k for k, side in (("chosen", pair.chosen), ("rejected", pair.rejected)) if not _content(side).strip()]
-        if empty:
-            found.append(("empty_side", f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty"))
-        if check_prompt:
-            n = int(count_tokens(pair.prompt))
-            if n >= max_length:
-                found.append(("prompt_too_long", f"the prompt alone is {n} tokens (max_length={max_length})"))
+        found = _pair_problems(pair, count_tokens if check_prompt else None, max_length)
         if not found:
             kept.append(pair)
             continue
@@ -530,6 +496,35 @@ def lint_pairs(
             "Fix or remove these rows (give chosen and rejected different, non-empty responses; shorten the prompt "
             "or raise max_length), or set the lint action to drop:\n  " + "\n  ".join(offending[:MAX_REPORTED]) + more
         )
+    if not kept:
+        raise DataError(
+            f"no preference pairs left after the pair checks: all {len(pairs)} were dropped "
+            f"({', '.join(f'{k}: {n}' for k, n in counts.items() if n)}); first: {offending[0] if offending else '-'}"
+        )
+    report = {"pairs": len(pairs), "kept": len(kept), "dropped": len(pairs) - len(kept), "action": action,
+              "problems": dict(counts), "examples": {k: v for k, v in examples.items() if v},
+              "prompt_length_checked": check_prompt, "max_length": max_length}
+    report.update(_length_report(kept, count_tokens))
+    return kept, report
+
+
+def _pair_problems(pair: PreferencePair, count_tokens, max_length) -> list[tuple[str, str]]:
+    """(kind, description) of each problem of one pair; prompt length only when count_tokens is given."""
+    found = []
+    if _same(pair.chosen, pair.rejected):
+        found.append(("identical", "chosen and rejected are identical"))
+    empty = [k for k, side in (("chosen", pair.chosen), ("rejected", pair.rejected)) if not _content(side).strip()]
+    if empty:
+        found.append(("empty_side", f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty"))
+    if count_tokens is not None:
+        n = int(count_tokens(pair.prompt))
+        if n >= max_length:
+            found.append(("prompt_too_long", f"the prompt alone is {n} tokens (max_length={max_length})"))
+    return found
+
+
+def _length_report(kept: list[PreferencePair], count_tokens) -> dict[str, Any]:
+    """Length statistics of each side, the length-bias fractions, duplicates, contradictions, warnings."""
 
     def length(side: Any) -> int:
         return int(count_tokens(side)) if count_tokens is not None else len(_content(side))
@@ -541,24 +536,8 @@ def lint_pairs(
     shorter = sum(c < r for c, r in zip(chosen_len, rejected_len))
     keys = Counter(_key(p.prompt, p.chosen, p.rejected) for p in kept)
     contradictions = sum(n for k, n in keys.items() if _swap(k) in keys)
-    report: dict[str, Any] = {
-        "pairs": len(pairs),
-        "kept": n_kept,
-        "dropped": len(pairs) - n_kept,
-        "action": action,
-        "problems": dict(counts),
-        "examples": {k: v for k, v in examples.items() if v},
-        "prompt_length_checked": check_prompt,
-        "max_length": max_length,
-        "length_unit": "tokens" if count_tokens is not None else "chars",
-        "lengths": {"chosen": length_stats(chosen_len), "rejected": length_stats(rejected_len)},
-        "chosen_longer_fraction": round(longer / n_kept, 4) if n_kept else None,
-        "rejected_longer_fraction": round(shorter / n_kept, 4) if n_kept else None,
-        "duplicates": sum(n - 1 for n in keys.values()),
-        "contradictions": contradictions,
-        "warnings": [],
-    }
-    warnings = report["warnings"]
+    duplicates = sum(n - 1 for n in keys.values())
+    warnings = []
     if n_kept >= 10:
         for side, frac in (("chosen", longer / n_kept), ("rejected", shorter / n_kept)):
             if frac >= 0.7:
@@ -569,14 +548,17 @@ def lint_pairs(
                 )
     if contradictions:
         warnings.append(f"{contradictions} pair(s) appear both ways round (A over B and B over A for the same prompt)")
-    if report["duplicates"]:
-        warnings.append(f"{report['duplicates']} duplicate pair(s)")
-    if not kept:
-        raise DataError(
-            f"no preference pairs left after the pair checks: all {len(pairs)} were dropped "
-            f"({', '.join(f'{k}: {n}' for k, n in counts.items() if n)}); first: {offending[0] if offending else '-'}"
-        )
-    return kept, report
+    if duplicates:
+        warnings.append(f"{duplicates} duplicate pair(s)")
+    return {
+        "length_unit": "tokens" if count_tokens is not None else "chars",
+        "lengths": {"chosen": length_stats(chosen_len), "rejected": length_stats(rejected_len)},
+        "chosen_longer_fraction": round(longer / n_kept, 4) if n_kept else None,
+        "rejected_longer_fraction": round(shorter / n_kept, 4) if n_kept else None,
+        "duplicates": duplicates,
+        "contradictions": contradictions,
+        "warnings": warnings,
+    }
 
 
 def _key(prompt: Any, chosen: Any, rejected: Any) -> str:
@@ -606,8 +588,6 @@ def prepare_pairs(train_source, eval_source, cfg, count_tokens=None, seed: int =
     ``cfg`` is a PreferenceDataConfig; sources are already resolved to files or Hub ids. Returns TRL
     records (prompt/chosen/rejected) for train and held-out eval, and a summary for the stage output.
     """
-    import random
-
     from pipeline.data.sources import read_source
 
     def load(source) -> tuple[list[PreferencePair], dict[str, Any]]:
@@ -621,15 +601,8 @@ def prepare_pairs(train_source, eval_source, cfg, count_tokens=None, seed: int =
     if eval_source is not None:
         held, eval_stats = load(eval_source)
         summary["eval_source"] = eval_stats
-    elif cfg.eval_fraction > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        cut = max(1, int(len(train) * cfg.eval_fraction))
-        chosen = set(order[:cut])
-        held = [p for i, p in enumerate(train) if i in chosen]
-        train = [p for i, p in enumerate(train) if i not in chosen]
     else:
-        held = []
+        train, held = holdout_split(train, cfg.eval_fraction, seed)
     lint_kwargs = {"count_tokens": count_tokens, "max_length": cfg.max_length if count_tokens else None, "action": cfg.lint}
     train, summary["train"] = lint_pairs(train, **lint_kwargs)
     if held:

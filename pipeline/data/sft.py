@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.data.sources import MAX_REPORTED, Rows, read_source, require_columns
+from pipeline.data.sources import MAX_REPORTED, RowProblem, Rows, extra_columns, read_source, require_columns
 from pipeline.data.templates import render_prompt
 from pipeline.errors import DataError
 
@@ -66,7 +66,7 @@ def load_sft_examples(source, template: str) -> tuple[list[Example], str]:
     for i, row in enumerate(rows.rows):
         try:
             examples.append(convert(row, template, rows.at(i)))
-        except _RowProblem as exc:
+        except RowProblem as exc:
             problems.append(f"{rows.at(i)}: {exc}")
     if problems:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
@@ -77,25 +77,17 @@ def load_sft_examples(source, template: str) -> tuple[list[Example], str]:
     return examples, fmt
 
 
-class _RowProblem(Exception):
-    pass
-
-
 def _text(row: dict, key: str, required: bool = True) -> str:
     value = row.get(key)
     if value is None:
         if required:
-            raise _RowProblem(f"{key!r} is missing")
+            raise RowProblem(f"{key!r} is missing")
         return ""
     if not isinstance(value, str):
-        raise _RowProblem(f"{key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r})")
+        raise RowProblem(f"{key!r} must be a string, got {type(value).__name__} ({str(value)[:40]!r})")
     if required and not value.strip():
-        raise _RowProblem(f"{key!r} is empty")
+        raise RowProblem(f"{key!r} is empty")
     return value
-
-
-def _meta(row: dict, used: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in used}
 
 
 def _from_alpaca(row: dict, template: str, where: str) -> Example:
@@ -104,34 +96,34 @@ def _from_alpaca(row: dict, template: str, where: str) -> Example:
     clean = {"instruction": instruction, "input": input_, "output": output}
     prompt = render_prompt(clean, template)
     completion = [{"role": "assistant", "content": output}] if template == "chat" else output
-    return Example(prompt, completion, where, _meta(row, ("instruction", "input", "output")))
+    return Example(prompt, completion, where, extra_columns(row, ("instruction", "input", "output")))
 
 
 def _from_prompt_completion(row: dict, template: str, where: str) -> Example:
     prompt, completion = _text(row, "prompt"), _text(row, "completion")
     if template == "chat":
-        return Example([{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}], where, _meta(row, ("prompt", "completion")))
-    return Example(prompt, completion, where, _meta(row, ("prompt", "completion")))
+        return Example([{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}], where, extra_columns(row, ("prompt", "completion")))
+    return Example(prompt, completion, where, extra_columns(row, ("prompt", "completion")))
 
 
 def _from_messages(row: dict, template: str, where: str) -> Example:
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _RowProblem("'messages' must be a non-empty list of {role, content} objects")
+        raise RowProblem("'messages' must be a non-empty list of {role, content} objects")
     clean = []
     for j, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise _RowProblem(f"messages[{j}] must be an object with 'role' and 'content'")
+            raise RowProblem(f"messages[{j}] must be an object with 'role' and 'content'")
         if msg["role"] not in ROLES:
-            raise _RowProblem(f"messages[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}")
+            raise RowProblem(f"messages[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(msg["content"], str) or not msg["content"].strip():
-            raise _RowProblem(f"messages[{j}].content must be a non-empty string")
+            raise RowProblem(f"messages[{j}].content must be a non-empty string")
         clean.append({"role": msg["role"], "content": msg["content"]})
     if clean[-1]["role"] != "assistant":
-        raise _RowProblem("the last message must be the assistant's (it is what the model learns to write)")
+        raise RowProblem("the last message must be the assistant's (it is what the model learns to write)")
     if not any(m["role"] == "user" for m in clean[:-1]):
-        raise _RowProblem("needs at least one user message before the assistant's")
-    return Example(clean[:-1], clean[-1:], where, _meta(row, ("messages",)))
+        raise RowProblem("needs at least one user message before the assistant's")
+    return Example(clean[:-1], clean[-1:], where, extra_columns(row, ("messages",)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,42 @@
-"""Read rows from local files (json, jsonl, csv, parquet) or a Hub dataset, remembering where each came from."""
+"""Read rows from local files (json, jsonl, csv, parquet) or a Hub dataset, remembering where each came from;
+plus what every data format shares: per-row problems, leftover columns, the held-out split."""
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.errors import DataError
 
 MAX_REPORTED = 10
+T = TypeVar("T")
+
+
+class RowProblem(Exception):
+    """One bad row; the reader collects them and reports the file and row of each."""
+
+    def __init__(self, message: str, reason: str = "bad_row"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def extra_columns(row: dict, used: tuple[str, ...]) -> dict[str, Any]:
+    """The columns an adapter did not consume (kept as metadata, e.g. a gold answer)."""
+    return {k: v for k, v in row.items() if k not in used}
+
+
+def holdout_split(items: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, held out): a seeded random ``fraction`` (at least one item) held out, order kept."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, int(len(items) * fraction))])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 @dataclass
@@ -161,15 +187,6 @@ def require_columns(rows: Rows, fmt: str, required, explain: str = "", suggest=N
             + (f" ({explain})" if explain else "")
             + f", but the first row has: {', '.join(sorted(columns)) or '(none)'}. Map your column names in the recipe, e.g. {hint}"
         )
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically (a temp file renamed into place)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def _non_empty(rows: Rows) -> Rows:

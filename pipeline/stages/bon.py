@@ -10,16 +10,72 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pipeline import generation, modeling, selection
+from pydantic import Field, field_validator, model_validator
+
+from pipeline import selection
+from pipeline.config.schema import DataSource, StageConfig, Strict, function_ref, function_refs
+from pipeline.context import StageContext
 from pipeline.data.prompts import PromptRecord, load_prompts
-from pipeline.data.sources import write_jsonl
 from pipeline.errors import PipelineError
-from pipeline.scoring import build_scorer, load_function
+from pipeline.fileio import write_jsonl_atomic
+from pipeline.stages import StageKind, register
 
 
-def run(ctx) -> dict[str, Any]:
+class ScorerConfig(Strict):
+    """How candidates are scored: a checker function (verifiable rewards) or a trained reward model."""
+
+    checker: str | None = Field(None, description="module:function(row, response) -> float | bool")
+    reward_from: str | None = Field(None, description="A reward stage whose model scores prompt + response.")
+    batch_size: int = Field(64, gt=0, description="Reward-model scoring batch size.")
+
+    @field_validator("checker")
+    @classmethod
+    def _ref(cls, value: str | None) -> str | None:
+        return None if value is None else function_ref(value)
+
+    @model_validator(mode="after")
+    def _one(self) -> ScorerConfig:
+        if (self.checker is None) == (self.reward_from is None):
+            raise ValueError("give exactly one of 'checker' (module:function) or 'reward_from' (a reward stage)")
+        return self
+
+
+class SelectConfig(Strict):
+    top_k: int = Field(1, gt=0, description="Responses kept per prompt in 'best' (1: the best one).")
+    min_score: float | None = Field(None, description="Best responses scoring below this are not kept.")
+    min_margin: float = Field(0.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
+
+
+class BonStage(StageConfig):
+    """Best-of-n: the policy samples n responses per prompt, a scorer scores them, selection keeps
+    the best as SFT rows and best-vs-worst as preference pairs."""
+
+    KIND: ClassVar[str] = "bon"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",), "scorer.reward_from": ("reward",)}
+
+    kind: Literal["bon"] = "bon"
+    policy_from: str = Field(..., description="The sft stage whose model samples.")
+    prompts: DataSource
+    template: Literal["alpaca", "chat"] | None = Field(None, description="Default: the policy stage's template.")
+    n: int = Field(8, gt=0)
+    temperature: float = Field(1.0, ge=0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="Prompts per generation batch (each with n samples).")
+    shard_size: int = Field(256, gt=0, description="Prompts per shard; an interrupted run redoes at most one.")
+    scorer: ScorerConfig
+    select: SelectConfig = SelectConfig()
+    # name -> module:function; reported per checker: first-sample rate, best rate, oracle pass@n
+    report: dict[str, str] = {}
+
+    _refs = field_validator("report")(classmethod(lambda cls, value: function_refs(value)))
+
+
+def run(ctx: StageContext[BonStage]) -> dict[str, Any]:
+    from pipeline.scoring import load_function
+
     cfg, recipe = ctx.cfg, ctx.recipe
     template = cfg.template or recipe.stages[cfg.policy_from].data.template
     prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
@@ -29,26 +85,7 @@ def run(ctx) -> dict[str, Any]:
     shard_dir = ctx.stage_dir / f"shards-{ctx.config_hash}"  # settings changed -> new shards, never stale ones
     mine = [k for k in range(len(shards)) if k % ctx.world_size == ctx.process_index]
     todo = [k for k in mine if not _complete(shard_path(shard_dir, k), shards[k], cfg.n)]
-    generated_tokens, generation_s = 0, 0.0
-    if todo:  # a rerun with every shard finished loads neither the policy nor the scorer
-        scorer = build_scorer(cfg.scorer, ctx)
-        policy = ctx.model_of(cfg.policy_from)
-        tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path, padding_side="left")
-        model = modeling.load_policy(recipe.model, None, init=policy, trainable=False)
-        if recipe.model.quantization == "none":
-            model.to(ctx.device)
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        bar = _Bar(ctx, total=sum(len(shards[k]) for k in todo))
-        for k in todo:
-            started = time.perf_counter()
-            bar.new_shard()
-            candidates, tokens = sample_shard(model, tokenizer, shards[k], cfg, seed=shard_seed(ctx.seed, k), bar=bar)
-            generation_s += time.perf_counter() - started
-            generated_tokens += tokens
-            for candidate, score in zip(candidates, scorer.score(candidates)):
-                candidate["score"] = score
-            write_jsonl(shard_path(shard_dir, k), candidates)  # atomic: a killed run never leaves half a shard
-        bar.close()
+    generated_tokens, generation_s = sample_shards(ctx, shards, todo, shard_dir) if todo else (0, 0.0)
     ctx.wait()
     if not ctx.is_main:
         return {}
@@ -64,34 +101,39 @@ def run(ctx) -> dict[str, Any]:
     })
 
 
+def sample_shards(ctx: StageContext[BonStage], shards: list[list[PromptRecord]], todo: list[int], shard_dir: Path) -> tuple[int, float]:
+    """Generate, score and write each shard in ``todo``; (tokens generated, seconds spent generating).
+    Only called when a shard is left, so a rerun with every shard finished loads no model."""
+    from pipeline import modeling
+    from pipeline.sampling import ProgressBar, sample_candidates, score_candidates
+    from pipeline.scoring import build_scorer
+
+    cfg, recipe = ctx.cfg, ctx.recipe
+    scorer = build_scorer(cfg.scorer, ctx)
+    policy = ctx.model_of(cfg.policy_from)
+    tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path, padding_side="left")
+    model = modeling.load_frozen_policy(recipe.model, policy, ctx.device)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    bar = ProgressBar(ctx.is_main and ctx.show_progress, sum(len(shards[k]) for k in todo), f"[{ctx.name}] sampling")
+    generated_tokens, generation_s = 0, 0.0
+    for k in todo:
+        started = time.perf_counter()
+        bar.new_shard()
+        candidates, tokens = sample_candidates(model, tokenizer, shards[k], cfg, seed=shard_seed(ctx.seed, k), bar=bar)
+        generation_s += time.perf_counter() - started
+        generated_tokens += tokens
+        score_candidates(candidates, scorer)
+        write_jsonl_atomic(shard_path(shard_dir, k), candidates)  # a killed run never leaves half a shard
+    bar.close()
+    return generated_tokens, generation_s
+
+
 def shard_path(shard_dir: Path, k: int) -> Path:
     return shard_dir / f"shard-{k:05d}.jsonl"
 
 
 def shard_seed(seed: int, k: int) -> int:
     return seed * 1_000_003 + k
-
-
-def sample_shard(model, tokenizer, prompts: list[PromptRecord], cfg, seed: int, bar=None) -> tuple[list[dict], int]:
-    """Candidates for one shard (unscored) and the number of tokens generated."""
-    progress = (lambda done, tokens, secs: bar.tick(done, tokens, secs)) if bar else None
-    samples = generation.sample_responses(
-        model, tokenizer, [p.prompt for p in prompts], n=cfg.n, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=seed, progress=progress,
-    )
-    candidates = []
-    for s in samples:
-        record = prompts[s.prompt_index]
-        candidates.append({
-            "prompt_id": record.prompt_id,
-            "prompt": record.prompt,
-            "sample_idx": s.sample_idx,
-            "response": generation.decode(tokenizer, s),
-            "finish_reason": s.finish_reason,
-            "n_tokens": len(s.token_ids),
-            "row": record.row,
-        })
-    return candidates, sum(len(s.token_ids) for s in samples)
 
 
 def _complete(path: Path, prompts: list[PromptRecord], n: int) -> bool:
@@ -115,7 +157,7 @@ def merge_shards(shard_dir: Path, shards: list[list[PromptRecord]], n: int) -> l
     return candidates
 
 
-def finish(ctx, candidates: list[dict], checks: dict, metrics: dict[str, Any]) -> dict[str, Any]:
+def finish(ctx: StageContext[BonStage], candidates: list[dict], checks: dict, metrics: dict[str, Any]) -> dict[str, Any]:
     """Select, write the outputs, and compute the metrics (main process)."""
     sel = ctx.cfg.select
     best_candidates, best_stats = selection.select_top_k_candidates(candidates, sel.top_k, sel.min_score)
@@ -126,9 +168,9 @@ def finish(ctx, candidates: list[dict], checks: dict, metrics: dict[str, Any]) -
             f"{best_stats['below_min_score']} below min_score); raise max_new_tokens or lower select.min_score"
         )
     out = ctx.stage_dir
-    write_jsonl(out / "candidates.jsonl", candidates)
-    write_jsonl(out / "best.jsonl", [selection.sft_row(c) for c in best_candidates])
-    write_jsonl(out / "pairs.jsonl", [selection.pair_row(c, r) for c, r in pairs])
+    write_jsonl_atomic(out / "candidates.jsonl", candidates)
+    write_jsonl_atomic(out / "best.jsonl", [selection.sft_row(c) for c in best_candidates])
+    write_jsonl_atomic(out / "pairs.jsonl", [selection.pair_row(c, r) for c, r in pairs])
     ctx.outputs.update(candidates=str(out / "candidates.jsonl"), best=str(out / "best.jsonl"), pairs=str(out / "pairs.jsonl"))
 
     scores = [c["score"] for c in candidates]
@@ -154,27 +196,12 @@ def _summary_line(name: str, m: dict[str, Any]) -> str:
     return f"[{name}] {m['prompts']} prompts x {m['n']} samples{speed}; best rows {m['best_rows']}, pairs {m['pairs']}" + (f"; {checks}" if checks else "")
 
 
-class _Bar:
-    """Progress over prompts with tokens/s (main process; tqdm when attached to a terminal)."""
-
-    def __init__(self, ctx, total: int):
-        self.shard_done = 0
-        self.bar = None
-        if ctx.is_main and ctx.show_progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="prompt", desc=f"[{ctx.name}] sampling")
-
-    def new_shard(self) -> None:
-        self.shard_done = 0
-
-    def tick(self, done: int, tokens: int, secs: float) -> None:
-        """``done`` and ``tokens`` count from the start of the current shard."""
-        if self.bar is not None:
-            self.bar.update(done - self.shard_done)
-            self.bar.set_postfix_str(f"{tokens / max(secs, 1e-9):.0f} tok/s")
-        self.shard_done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+KIND = register(
+    StageKind(
+        name="bon",
+        config=BonStage,
+        run=run,
+        outputs=("candidates", "best", "pairs"),
+        key_metrics=("prompts", "n", "best_rows", "pairs", "tokens_per_s"),
+    )
+)

@@ -9,21 +9,48 @@ it (``ref_logp_batches_computed`` is 0 then).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pipeline import modeling, training
-from pipeline.artifacts import write_json_atomic
+from pydantic import Field, model_validator
+
+from pipeline import compat
+from pipeline.config.schema import PairsStageConfig, TrainConfig
+from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs
 from pipeline.errors import PipelineError, RecipeError
+from pipeline.fileio import write_json_atomic
+from pipeline.stages import StageKind, register
 
 log = logging.getLogger(__name__)
+
+
+class DPOStage(PairsStageConfig):
+    """DPO against a frozen reference: the policy_from model (TRL DPOTrainer)."""
+
+    KIND: ClassVar[str] = "dpo"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "policy_from": ("sft",),
+        "pairs_from": ("bon",),
+        "data.train.from_stage": ("bon",),
+        "data.eval.from_stage": ("bon",),
+    }
+
+    kind: Literal["dpo"] = "dpo"
+    policy_from: str = Field(..., description="The sft stage whose model is the policy's start and the frozen reference.")
+    beta: float = Field(0.1, gt=0)
+    loss_type: str | list[str] = Field("sigmoid", description="Any TRL DPO loss, or a list combined with loss_weights.")
+    loss_weights: list[float] | None = None
+    precompute_ref_log_probs: bool = False
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> DPOStage:
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(losses)} loss type(s)")
+        return self
+
 
 # TRL's logged DPO metrics -> our names (eval_* of the final held-out evaluation, and the last training log)
 HELDOUT = {
@@ -44,11 +71,11 @@ TRAIN = {
 }
 
 
-def run(ctx) -> dict[str, Any]:
+def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
+    from pipeline import training
+
     trainer, summary, setup = build_trainer(ctx)
-    policy = ctx.model_of(ctx.cfg.policy_from)
-    # an adapter continued from SFT keeps SFT's base; a new adapter on a full SFT model belongs to that model
-    metrics = training.fit(trainer, ctx, base=policy.base if policy.kind == "adapter" else policy.path)
+    metrics = training.fit(trainer, ctx, base=ctx.model_of(ctx.cfg.policy_from).lineage_base())
     history = trainer.state.log_history
     metrics.update(heldout_metrics(history))
     metrics.update(train_metrics(history))
@@ -61,16 +88,18 @@ def run(ctx) -> dict[str, Any]:
     )
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "margins.json", margins_series(history))
-        _drop_ref_adapter_copy(ctx.stage_dir / "model")
+        compat.drop_ref_adapter_copy(ctx.stage_dir / "model")
     return metrics
 
 
-def build_trainer(ctx):
+def build_trainer(ctx: StageContext[DPOStage]):
     """(DPOTrainer, data summary, modeling.DPOModels) for the stage ``ctx``."""
     from trl import DPOConfig
 
+    from pipeline import modeling, training
+
     cfg, recipe = ctx.cfg, ctx.recipe
-    losses = check_losses(cfg, ctx.name, DPOConfig)
+    losses = check_losses(cfg, ctx.name)
     policy = ctx.model_of(cfg.policy_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path)
     train_ds, eval_ds, summary = prepare_data(ctx, tokenizer)
@@ -88,11 +117,11 @@ def build_trainer(ctx):
     except ValueError as exc:
         raise RecipeError(f"stages.{ctx.name}: TRL's DPOConfig refuses these settings: {exc}") from None
     setup = modeling.load_dpo_models(recipe.model, recipe.lora, policy, precompute=cfg.precompute_ref_log_probs)
-    trainer = _trainer_class()(
+    trainer = compat.dpo_trainer_class()(
         model=setup.model, ref_model=setup.ref_model, peft_config=setup.peft_config, args=args,
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
     )
-    if setup.reference == "frozen sft adapter" and "ref" not in trainer.model.peft_config:
+    if setup.reference == "frozen sft adapter" and not compat.has_frozen_ref_adapter(trainer.model):
         # TRL falls back to the adapter-disabled base for some PEFT versions: that is not the SFT policy.
         raise PipelineError(
             "TRL did not copy the SFT adapter into a frozen 'ref' adapter, so the DPO reference would be the bare "
@@ -100,65 +129,18 @@ def build_trainer(ctx):
         )
     # Every 4-bit layer was patched at load; TRL builds no new ones. Anything patched here existed unpatched
     # through TRL's no-grad forwards (precompute) and may have lost its gradients: say so.
-    late = modeling.fix_cpu_4bit(trainer.model) + (modeling.fix_cpu_4bit(trainer.ref_model) if trainer.ref_model is not None else 0)
+    late = compat.fix_cpu_4bit(trainer.model) + (compat.fix_cpu_4bit(trainer.ref_model) if trainer.ref_model is not None else 0)
     if late:
         log.warning("%d 4-bit layer(s) were unpatched after DPOTrainer was built (CPU repack trap)", late)
     return trainer, summary, setup
 
 
-_TRAINER = None
-
-
-def _trainer_class():
-    """DPOTrainer that counts its reference forwards (0 when the precomputed log-probs come from the cache)."""
-    global _TRAINER
-    if _TRAINER is None:
-        from trl import DPOTrainer
-
-        class PipelineDPOTrainer(DPOTrainer):
-            ref_logp_batches = 0
-
-            def compute_ref_log_probs(self, model, inputs):
-                self.ref_logp_batches += 1
-                return super().compute_ref_log_probs(model, inputs)
-
-            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-                # TRL's length filter is a lambda over the whole DPOConfig, so the prepared dataset's
-                # fingerprint -- and with it the key of the precomputed reference log-probs -- changed with
-                # every training setting (beta, learning rate, output_dir). Hand it only what shapes the
-                # data and the reference log-probs: other settings then reuse the cache.
-                return super()._prepare_dataset(dataset, processing_class, DataArgs.of(args), dataset_name)
-
-        _TRAINER = PipelineDPOTrainer
-    return _TRAINER
-
-
-@dataclass(frozen=True)
-class DataArgs:
-    """The DPOConfig fields that TRL's dataset preparation reads (dataset_num_proc, max_length,
-    truncation_mode), plus those that change reference log-probs (ld_alpha, autocast precision): what
-    the precomputed reference log-probs are keyed on besides the data, the tokenizer and the reference
-    weights. A field TRL starts to read that is missing here fails loudly (AttributeError)."""
-
-    dataset_num_proc: int | None
-    max_length: int | None
-    truncation_mode: str
-    ld_alpha: float | None
-    bf16: bool
-    fp16: bool
-
-    @classmethod
-    def of(cls, args) -> DataArgs:
-        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
-
-
-def check_losses(cfg, stage: str, config_cls) -> list[str]:
+def check_losses(cfg: DPOStage, stage: str) -> list[str]:
     """The loss types as TRL's list; unknown names fail here, not at the first training step."""
     losses = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
     if not losses:
         raise RecipeError(f"stages.{stage}.loss_type: give at least one loss type, e.g. sigmoid")
-    field = next(f for f in config_cls.__dataclass_fields__.values() if f.name == "loss_type")
-    known = re.findall(r"`'(\w+)'`", field.metadata.get("help", ""))  # TRL lists them in the field's help
+    known = compat.dpo_loss_names()
     unknown = [name for name in losses if known and name not in known]
     if unknown:
         import difflib
@@ -168,8 +150,10 @@ def check_losses(cfg, stage: str, config_cls) -> list[str]:
     return losses
 
 
-def prepare_data(ctx, tokenizer):
+def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     """Read, lint and split the pairs; save the summary; TRL-shaped datasets for train and eval."""
+    from pipeline import modeling, training
+
     data = ctx.cfg.data
     train_records, eval_records, summary = prepare_pairs(
         ctx.resolve_source(data.train, "pairs"),
@@ -182,37 +166,13 @@ def prepare_data(ctx, tokenizer):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(_summary_line(ctx.name, summary))
-    if ctx.cfg.precompute_ref_log_probs:
-        cache = ctx.stage_dir / "ref_cache"
-        to_ds = lambda records: file_backed(records, cache, ctx)  # noqa: E731
+    if ctx.cfg.precompute_ref_log_probs:  # on disk, where TRL's reference log-prob cache can find it again
+
+        def to_ds(records):
+            return compat.file_backed_dataset(records, ctx.stage_dir / "ref_cache", ctx.is_main, ctx.wait) if records else None
     else:
-        import datasets
-
-        to_ds = datasets.Dataset.from_list
-    return to_ds(train_records), (to_ds(eval_records) if eval_records else None), summary
-
-
-def file_backed(records: list[dict], directory: Path, ctx):
-    """The records as an Arrow dataset on disk, written once per content.
-
-    TRL caches precomputed reference log-probs next to a dataset's files, keyed by the dataset's
-    fingerprint (which follows from its file and each ``map`` applied to it) and a hash of the reference
-    model's weights (dpo_trainer.py ``_precompute_ref_logps``). An in-memory dataset has no files, so its
-    cache goes to a temporary directory under a random name and is never found again. Written once per
-    content (never rewritten: a new mtime would be a new fingerprint), the same pairs give the same files.
-    """
-    import datasets
-
-    blob = json.dumps(records, sort_keys=True, ensure_ascii=False)
-    path = directory / f"pairs-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-    if ctx.is_main and not (path / "state.json").is_file():
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_list(records).save_to_disk(str(tmp))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-    ctx.wait()
-    return datasets.load_from_disk(str(path))
+        to_ds = training.to_dataset
+    return to_ds(train_records), to_ds(eval_records), summary
 
 
 def heldout_metrics(history: list[dict]) -> dict[str, Any]:
@@ -247,13 +207,6 @@ def margins_series(history: list[dict]) -> dict[str, list[dict]]:
     return {"train": train, "heldout": heldout}
 
 
-def _drop_ref_adapter_copy(model_dir: Path) -> None:
-    """PeftModel.save_pretrained also writes TRL's frozen 'ref' adapter (a copy of the SFT adapter) to ref/."""
-    ref = model_dir / "ref"
-    if (ref / "adapter_config.json").is_file():
-        shutil.rmtree(ref)
-
-
 def _summary_line(name: str, summary: dict[str, Any]) -> str:
     parts = []
     for split in ("train", "eval"):
@@ -262,3 +215,15 @@ def _summary_line(name: str, summary: dict[str, Any]) -> str:
             parts.append(f"{split} {rep['kept']} pairs ({rep['dropped']} dropped)")
     warnings = list(dict.fromkeys(w for split in ("train", "eval") for w in (summary.get(split) or {}).get("warnings", [])))
     return f"[{name}] preference data: " + ", ".join(parts) + (f"; warnings: {'; '.join(warnings)}" if warnings else "")
+
+
+KIND = register(
+    StageKind(
+        name="dpo",
+        config=DPOStage,
+        run=run,
+        outputs=("model",),
+        key_metrics=("heldout_reward_accuracy", "heldout_reward_margin", "eval_loss", "steps"),
+        model_head="causal_lm",
+    )
+)

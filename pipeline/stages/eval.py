@@ -11,16 +11,51 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pipeline import generation, modeling, plots, selection
-from pipeline.artifacts import write_json_atomic
+from pydantic import Field, field_validator
+
+from pipeline import plots, selection
+from pipeline.config.schema import DataSource, StageConfig, function_refs
+from pipeline.context import StageContext
 from pipeline.data.prompts import load_prompts
-from pipeline.data.sources import write_jsonl
-from pipeline.scoring import build_scorer, load_function, reward_scorer
+from pipeline.fileio import write_json_atomic, write_jsonl_atomic
+from pipeline.stages import StageKind, register
 
 
-def run(ctx) -> dict[str, Any]:
+class EvalStage(StageConfig):
+    """Held-out evaluation of every policy: checker rates (alignment gained, capability kept), reward-model
+    score, win rate against the reference policy, KL to it, response length. Writes eval/metrics.json."""
+
+    KIND: ClassVar[str] = "eval"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "policies": ("sft", "dpo"),
+        "reference": ("sft", "dpo"),
+        "bon_from": ("bon",),
+        "reward_from": ("reward",),
+    }
+
+    kind: Literal["eval"] = "eval"
+    prompts: DataSource
+    policies: list[str] = Field(..., min_length=1, description="Stages whose models are evaluated (greedy decoding).")
+    reference: str = Field(..., description="The baseline policy for win rate and KL (usually the SFT stage).")
+    bon_from: str | None = Field(None, description="Also evaluate best-of-n as a selection policy, as this bon stage samples and scores.")
+    reward_from: str | None = Field(None, description="Reward model for reward_mean and win rates.")
+    # metric name -> module:function(row, response) -> bool, e.g. preference_pass, gold_accuracy
+    checkers: dict[str, str] = {}
+    template: Literal["alpaca", "chat"] | None = Field(None, description="Default: the reference stage's template.")
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0)
+    kl_samples: int = Field(4, ge=0, description="Samples per prompt (temperature 1) for the KL estimate; 0 skips it.")
+
+    _refs = field_validator("checkers")(classmethod(lambda cls, value: function_refs(value)))
+
+
+def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
+    from pipeline import generation, modeling
+    from pipeline.report import policy_rows, text_table
+    from pipeline.scoring import load_function, reward_scorer
+
     cfg, recipe = ctx.cfg, ctx.recipe
     if not ctx.is_main:  # evaluation is cheap next to training: one process does it
         return {}
@@ -72,12 +107,12 @@ def run(ctx) -> dict[str, Any]:
 
     report = {"prompts": prompt_stats["prompts"], "reference": cfg.reference, "policies": results}
     write_json_atomic(ctx.stage_dir / "metrics.json", report)
-    write_jsonl(ctx.stage_dir / "responses.jsonl", rows)
+    write_jsonl_atomic(ctx.stage_dir / "responses.jsonl", rows)
     ctx.outputs.update(metrics=str(ctx.stage_dir / "metrics.json"), responses=str(ctx.stage_dir / "responses.jsonl"))
     if rewards:
         path = plots.histogram(ctx.stage_dir / "reward_distribution.png", rewards, "reward-model score per policy (held-out prompts)", "reward")
         ctx.outputs["reward_distribution"] = str(path)
-    ctx.say(format_table(results, cfg.reference))
+    ctx.say(text_table(policy_rows(report, first_samples=False)))
     return {"prompts": prompt_stats["prompts"], "policies": results}
 
 
@@ -88,11 +123,10 @@ def _template_of(recipe, stage: str) -> str:
     return cfg.data.template
 
 
-def _load(ctx, stage: str):
-    model = modeling.load_policy(ctx.recipe.model, None, init=ctx.model_of(stage), trainable=False)
-    if ctx.recipe.model.quantization == "none":
-        model.to(ctx.device)
-    return model.eval()
+def _load(ctx: StageContext[EvalStage], stage: str):
+    from pipeline import modeling
+
+    return modeling.load_frozen_policy(ctx.recipe.model, ctx.model_of(stage), ctx.device)
 
 
 def _response_metrics(prompts, texts: list[str], lengths: list[int], checks: dict) -> dict[str, Any]:
@@ -101,8 +135,10 @@ def _response_metrics(prompts, texts: list[str], lengths: list[int], checks: dic
     return metrics
 
 
-def _kl_estimate(policy, reference, tokenizer, prompts, prompt_ids, cfg, seed: int) -> float:
+def _kl_estimate(policy, reference, tokenizer, prompts, prompt_ids, cfg: EvalStage, seed: int) -> float:
     """KL(policy || reference) ~ mean over policy samples of log p_policy(y|x) - log p_ref(y|x)."""
+    from pipeline import generation
+
     samples = generation.sample_responses(policy, tokenizer, [p.prompt for p in prompts], n=cfg.kl_samples,
                                           max_new_tokens=cfg.max_new_tokens, temperature=1.0, batch_size=cfg.batch_size, seed=seed)
     pids = [prompt_ids[s.prompt_index] for s in samples]
@@ -112,19 +148,21 @@ def _kl_estimate(policy, reference, tokenizer, prompts, prompt_ids, cfg, seed: i
     return round(statistics.fmean(a - b for a, b in zip(lp_policy, lp_ref)), 4)
 
 
-def _best_of_n(ctx, prompts, checks, rm, loaded: dict):
+def _best_of_n(ctx: StageContext[EvalStage], prompts, checks, rm, loaded: dict):
     """Best-of-n as a policy: the bon stage's sampler and scorer on these prompts.
     ``loaded``: models already in memory by stage name (its policy is usually the reference)."""
+    from pipeline import modeling
+    from pipeline.sampling import sample_candidates, score_candidates
+    from pipeline.scoring import build_scorer
+
     bon = ctx.recipe.stages[ctx.cfg.bon_from]
-    from pipeline.stages.bon import sample_shard
 
     policy_ref = ctx.model_of(bon.policy_from)
     tokenizer = modeling.load_tokenizer(ctx.recipe.model, path=policy_ref.path, padding_side="left")
     model = loaded.get(bon.policy_from) or _load(ctx, bon.policy_from)
-    candidates, _ = sample_shard(model, tokenizer, prompts, bon, seed=ctx.seed)
+    candidates, _ = sample_candidates(model, tokenizer, prompts, bon, seed=ctx.seed)
     scorer = rm if (bon.scorer.reward_from and rm is not None and bon.scorer.reward_from == ctx.cfg.reward_from) else build_scorer(bon.scorer, ctx)
-    for c, score in zip(candidates, scorer.score(candidates)):
-        c["score"] = score
+    score_candidates(candidates, scorer)
     picked, _ = selection.select_best_candidates(candidates)
     by_prompt = {c["prompt_id"]: c for c in picked}
     first = {c["prompt_id"]: c for c in candidates if c["sample_idx"] == 0}
@@ -145,13 +183,4 @@ def _best_of_n(ctx, prompts, checks, rm, loaded: dict):
     return metrics, texts, rewards
 
 
-def format_table(results: dict[str, dict[str, Any]], reference: str) -> str:
-    keys = []
-    for metrics in results.values():
-        keys += [k for k, v in metrics.items() if isinstance(v, (int, float)) and k not in keys and k != "n"]
-    header = ["policy"] + keys
-    lines = [header] + [[name] + [f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m.get(k, "-")) for k in keys] for name, m in results.items()]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+KIND = register(StageKind(name="eval", config=EvalStage, run=run, outputs=("metrics", "responses", "reward_distribution"), key_metrics=("prompts",)))

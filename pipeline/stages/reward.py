@@ -7,18 +7,55 @@ Then a held-out evaluation (pairwise accuracy, margin, length bias) and the qual
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pipeline import modeling, plots, training
-from pipeline.artifacts import write_json_atomic
+from pydantic import Field
+
+from pipeline import compat, plots
+from pipeline.config.schema import PairsStageConfig, TrainConfig
+from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs
 from pipeline.errors import GateFailed
-from pipeline.scoring import RewardModelScorer
+from pipeline.fileio import write_json_atomic
+from pipeline.stages import StageKind, register
 
 
-def run(ctx) -> dict[str, Any]:
-    import datasets
+class RewardStage(PairsStageConfig):
+    """A reward model: a sequence classifier with one output, trained on preference pairs (TRL RewardTrainer)."""
+
+    KIND: ClassVar[str] = "reward"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "base_from": ("sft",),
+        "pairs_from": ("bon",),
+        "data.train.from_stage": ("bon",),
+        "data.eval.from_stage": ("bon",),
+    }
+
+    kind: Literal["reward"] = "reward"
+    base_from: str | None = Field(None, description="Start from an sft stage's model (default: the recipe's base model).")
+    train: TrainConfig = TrainConfig()
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Quality gate on held-out pairwise accuracy.")
+
+
+def run(ctx: StageContext[RewardStage]) -> dict[str, Any]:
+    from pipeline import training
+
+    trainer, tokenizer, held, base = build_trainer(ctx)
+    metrics = training.fit(trainer, ctx, base=base)
+    if held:
+        from pipeline.scoring import RewardModelScorer
+
+        scorer = RewardModelScorer(trainer.model, tokenizer, "reward model", max_length=ctx.cfg.data.max_length)
+        metrics.update(evaluate_pairs(scorer, tokenizer, held, ctx))
+    check_gate(ctx.cfg.min_accuracy, metrics)
+    return metrics
+
+
+def build_trainer(ctx: StageContext[RewardStage]):
+    """(RewardTrainer, tokenizer, held-out pairs, the base a new adapter belongs to)."""
     from trl import RewardConfig, RewardTrainer
+
+    from pipeline import modeling, training
 
     cfg, recipe = ctx.cfg, ctx.recipe
     init = ctx.model_of(cfg.base_from)
@@ -33,40 +70,43 @@ def run(ctx) -> dict[str, Any]:
     quantized = recipe.model.quantization != "none"
     args = training.trl_args(
         RewardConfig, ctx, max_length=cfg.data.max_length,
-        # TRL casts the score head to bf16 for k-bit models; fp32 training then fails on a dtype mismatch
-        **({"bf16": True, "fp16": False} if quantized else {}),
+        precision=compat.KBIT_REWARD_PRECISION if quantized else None,
     )
-    model = modeling.load_reward_model(recipe.model, recipe.lora, init=init, work_dir=ctx.stage_dir)
-    to_ds = lambda records: datasets.Dataset.from_list(records) if records else None  # noqa: E731
-    trainer = RewardTrainer(model=model, args=args, train_dataset=to_ds(train), eval_dataset=to_ds(held), processing_class=tokenizer)
-    base = init.path if init is not None and init.kind == "full" else None
-    metrics = training.fit(trainer, ctx, base=base)
-    if held:
-        scorer = RewardModelScorer(trainer.model, tokenizer, "reward model", max_length=cfg.data.max_length)
-        metrics.update(evaluate_pairs(scorer, tokenizer, held, ctx))
-    if cfg.min_accuracy is not None:
-        accuracy = metrics.get("heldout_accuracy")
-        if accuracy is None:
-            raise GateFailed("min_accuracy is set but there are no held-out pairs to measure it; set data.eval or data.eval_fraction", metrics)
-        if accuracy < cfg.min_accuracy:
-            raise GateFailed(
-                f"quality gate: held-out pairwise accuracy {accuracy:.3f} is below min_accuracy {cfg.min_accuracy} "
-                f"({metrics['heldout_pairs']} pairs); downstream stages would trust a weak reward model. "
-                "Check the pairs (data_summary.json), train longer, or lower min_accuracy deliberately.",
-                metrics,
-            )
-    return metrics
+    model, base = modeling.load_reward_model(recipe.model, recipe.lora, init=init, work_dir=ctx.stage_dir)
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=training.to_dataset(train), eval_dataset=training.to_dataset(held),
+        processing_class=tokenizer,
+    )
+    return trainer, tokenizer, held, base
 
 
-def evaluate_pairs(scorer: RewardModelScorer, tokenizer, pairs: list[dict], ctx) -> dict[str, Any]:
+def check_gate(min_accuracy: float | None, metrics: dict[str, Any]) -> None:
+    """The quality gate: below ``min_accuracy`` the stage fails, so no downstream stage trusts the model."""
+    if min_accuracy is None:
+        return
+    accuracy = metrics.get("heldout_accuracy")
+    if accuracy is None:
+        raise GateFailed("min_accuracy is set but there are no held-out pairs to measure it; set data.eval or data.eval_fraction", metrics)
+    if accuracy < min_accuracy:
+        raise GateFailed(
+            f"quality gate: held-out pairwise accuracy {accuracy:.3f} is below min_accuracy {min_accuracy} "
+            f"({metrics['heldout_pairs']} pairs); downstream stages would trust a weak reward model. "
+            "Check the pairs (data_summary.json), train longer, or lower min_accuracy deliberately.",
+            metrics,
+        )
+
+
+def evaluate_pairs(scorer, tokenizer, pairs: list[dict], ctx: StageContext[RewardStage]) -> dict[str, Any]:
     """Held-out pairwise accuracy, margin, and length bias; writes rewards.jsonl-style stats and a histogram."""
     def text(side: Any) -> str:
         return side if isinstance(side, str) else " ".join(m["content"] for m in side)
 
     chosen = scorer.score([{"prompt": p["prompt"], "response": text(p["chosen"])} for p in pairs])
     rejected = scorer.score([{"prompt": p["prompt"], "response": text(p["rejected"])} for p in pairs])
-    lengths_c = [modeling.token_length(tokenizer, text(p["chosen"])) for p in pairs]
-    lengths_r = [modeling.token_length(tokenizer, text(p["rejected"])) for p in pairs]
+    from pipeline.modeling import token_length
+
+    lengths_c = [token_length(tokenizer, text(p["chosen"])) for p in pairs]
+    lengths_r = [token_length(tokenizer, text(p["rejected"])) for p in pairs]
     wins = [c > r for c, r in zip(chosen, rejected)]
 
     def accuracy(mask: list[bool]) -> float | None:
@@ -96,3 +136,15 @@ def _correlation(xs: list[float], ys: list[float]) -> float | None:
     if len(xs) < 3 or len(set(ys)) < 2 or len(set(xs)) < 2:
         return None
     return round(statistics.correlation(xs, ys), 4)
+
+
+KIND = register(
+    StageKind(
+        name="reward",
+        config=RewardStage,
+        run=run,
+        outputs=("model", "reward_histogram"),
+        key_metrics=("heldout_accuracy", "heldout_margin_mean", "reward_length_correlation", "steps"),
+        model_head="reward",
+    )
+)

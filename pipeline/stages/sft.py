@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
-import random
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pipeline import modeling, training
-from pipeline.artifacts import write_json_atomic
+from pydantic import Field
+
+from pipeline.config.schema import SFTDataConfig, StageConfig, TrainConfig
+from pipeline.context import StageContext
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
+from pipeline.data.sources import holdout_split
+from pipeline.fileio import write_json_atomic
+from pipeline.stages import StageKind, register
 
 
-def run(ctx) -> dict[str, Any]:
+class SFTStage(StageConfig):
+    """Supervised fine-tuning on instruction data (TRL SFTTrainer), loss on the response tokens only."""
+
+    KIND: ClassVar[str] = "sft"
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "init_from": ("sft",),
+        "data.train.from_stage": ("bon",),  # rejection-sampling fine-tuning: SFT on best-of-n's best
+        "data.eval.from_stage": ("bon",),
+    }
+
+    kind: Literal["sft"] = "sft"
+    data: SFTDataConfig
+    train: TrainConfig = TrainConfig()
+    init_from: str | None = Field(None, description="Continue from the model of an earlier sft stage.")
+
+
+def run(ctx: StageContext[SFTStage]) -> dict[str, Any]:
+    from pipeline import training
+
     trainer, summary = build_trainer(ctx)
     init = ctx.model_of(ctx.cfg.init_from)
-    # a new adapter on an earlier stage's full model belongs to that model; otherwise the recipe's base
-    base = init.path if init is not None and init.kind == "full" else (init.base if init is not None else None)
-    metrics = training.fit(trainer, ctx, base=base)
+    metrics = training.fit(trainer, ctx, base=init.lineage_base() if init else None)
     metrics.update(train_rows=summary["train"]["kept"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
     return metrics
 
 
-def build_trainer(ctx):
+def build_trainer(ctx: StageContext[SFTStage]):
     from trl import SFTConfig, SFTTrainer
+
+    from pipeline import modeling, training
 
     cfg, recipe = ctx.cfg, ctx.recipe
     init = ctx.model_of(cfg.init_from)
@@ -33,16 +55,18 @@ def build_trainer(ctx):
         ctx,
         max_length=cfg.data.max_length,
         completion_only_loss=True,  # prompt/completion data: loss on the response tokens only
-        packing=False,  # padding-free packing is slow on CPU SDPA (STACK_NOTES); opt in via trainer_extra
+        # packing / padding-free attention was measured ~7x slower per token on CPU SDPA (a block-diagonal
+        # mask instead of varlen kernels); opt in via trainer_extra on GPUs with flash attention
+        packing=False,
     )
     model = modeling.load_policy(recipe.model, recipe.lora, init=init)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
     return trainer, summary
 
 
-def prepare_data(ctx, tokenizer):
+def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     """Validate, render, apply the length policy; save and print the data summary."""
-    import datasets
+    from pipeline.training import to_dataset
 
     data = ctx.cfg.data
     train_source, eval_source = ctx.resolve_source(data.train), ctx.resolve_source(data.eval)
@@ -50,14 +74,8 @@ def prepare_data(ctx, tokenizer):
     evals: list[Example] = []
     if eval_source is not None:
         evals, _ = load_sft_examples(eval_source, data.template)
-    elif data.eval_fraction > 0:
-        rng = random.Random(ctx.seed)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        n_eval = max(1, int(len(train) * data.eval_fraction))
-        held = set(order[:n_eval])
-        evals = [ex for i, ex in enumerate(train) if i in held]
-        train = [ex for i, ex in enumerate(train) if i not in held]
+    else:
+        train, evals = holdout_split(train, data.eval_fraction, ctx.seed)
 
     count = token_counter(tokenizer, data.template)
     train, train_report = apply_length_policy(train, count, data.max_length, data.overlength, train_source.describe())
@@ -70,8 +88,7 @@ def prepare_data(ctx, tokenizer):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(format_summary(summary))
-    to_ds = lambda exs: datasets.Dataset.from_list([ex.as_record() for ex in exs])  # noqa: E731
-    return to_ds(train), (to_ds(evals) if evals else None), summary
+    return to_dataset([ex.as_record() for ex in train]), to_dataset([ex.as_record() for ex in evals]), summary
 
 
 def token_counter(tokenizer, template: str):
@@ -107,3 +124,15 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"p99 {lens['p99']:.0f} max {lens['max']:.0f}"
         )
     return "\n".join(lines)
+
+
+KIND = register(
+    StageKind(
+        name="sft",
+        config=SFTStage,
+        run=run,
+        outputs=("model",),
+        key_metrics=("eval_loss_before", "eval_loss", "steps", "train_rows"),
+        model_head="causal_lm",
+    )
+)

@@ -1,7 +1,4 @@
-"""Tokenizer and model loading: dtype, 4-bit/8-bit bitsandbytes, LoRA, adapter hand-off, saving.
-
-The only module that touches peft and bitsandbytes, so every stage loads models the same way.
-"""
+"""Tokenizer and model loading: dtype, 4-bit/8-bit bitsandbytes, LoRA, adapter hand-off, saving."""
 
 from __future__ import annotations
 
@@ -13,7 +10,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig
+from pipeline.compat import fix_cpu_4bit
+from pipeline.config.schema import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -38,8 +36,13 @@ class ModelRef:
         return {"path": self.path, "kind": self.kind, "base": self.base}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelRef":
+    def from_dict(cls, data: dict[str, Any]) -> ModelRef:
         return cls(path=data["path"], kind=data["kind"], base=data.get("base"))
+
+    def lineage_base(self) -> str | None:
+        """What a new adapter trained from this model is applied to: an adapter continued from here keeps
+        this adapter's base; a new adapter on a full model belongs to that model."""
+        return self.base if self.kind == "adapter" else self.path
 
 
 def resolve_name(name_or_path: str) -> str:
@@ -161,25 +164,6 @@ def load_base(cfg: ModelConfig, head: str = "causal_lm", path: str | None = None
     return model
 
 
-def fix_cpu_4bit(model) -> int:
-    """Keep 4-bit layers trainable on CPU; returns how many layers were patched.
-
-    bitsandbytes repacks 4-bit weights for an AVX512-BF16 inference kernel on the first no-grad eval
-    forward; that kernel has no backward, so from then on LoRA gradients through those layers are
-    silently zero (STACK_NOTES: a gradient norm went 1.31 -> 0.0). Disabling the repack keeps them.
-    """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return 0
-    patched = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            patched += 1
-    return patched
-
-
 def peft_config(lora: LoraConfig, task: str = "CAUSAL_LM"):
     import peft
 
@@ -212,7 +196,7 @@ def load_policy(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None
     from peft import PeftModel, prepare_model_for_kbit_training
 
     if init is not None and init.kind == "adapter":
-        model = load_base(cfg, path=_base_path(init))
+        model = load_base(cfg, path=base_path(init))
         if trainable and cfg.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
         model = PeftModel.from_pretrained(model, init.path, is_trainable=trainable)
@@ -227,48 +211,49 @@ def load_policy(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None
 
 
 def load_reward_model(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None = None, work_dir: Path | None = None):
-    """A sequence classifier with one output (a fresh score head) to train as a reward model.
+    """(model, base): a sequence classifier with one output (a fresh score head) to train as a reward model,
+    and the model directory a new adapter on it belongs to (None: the recipe's base model).
 
     Starts from the recipe's base model or an earlier stage's model; an SFT adapter is first merged
     into its base (written under ``work_dir``), since a reward model needs the whole network.
     """
+    from pipeline.modeling.merge import merge_to_full
+
     path = None
     if init is not None:
         path = init.path if init.kind == "full" else str(merge_to_full(init, cfg, (work_dir or Path(init.path).parent) / "merged_init"))
     model = load_base(cfg, head="reward", path=path)
     if lora is not None:
-        return add_lora(model, cfg, lora, task="SEQ_CLS")  # SEQ_CLS also trains the new score head
+        return add_lora(model, cfg, lora, task="SEQ_CLS"), path  # SEQ_CLS also trains the new score head
     if cfg.quantization != "none":
         raise PipelineError("a quantized reward model can only be trained through a LoRA adapter; add a 'lora:' block")
-    return model
+    return model, path
 
 
-def load_trained_reward_model(cfg: ModelConfig, ref: ModelRef):
+def load_frozen_policy(cfg: ModelConfig, ref: ModelRef, device=None):
+    """An earlier stage's policy for sampling or scoring: no adapter added, eval mode, on ``device``
+    (a quantized model is placed by bitsandbytes when it loads)."""
+    model = load_policy(cfg, None, init=ref, trainable=False)
+    if cfg.quantization == "none" and device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_trained_reward_model(cfg: ModelConfig, ref: ModelRef, device=None):
     """A reward model a reward stage saved (full classifier, or adapter + score head on its base), frozen."""
     from peft import PeftModel
 
     if ref.kind == "adapter":
-        model = PeftModel.from_pretrained(load_base(cfg, head="reward", path=_base_path(ref)), ref.path)
+        model = PeftModel.from_pretrained(load_base(cfg, head="reward", path=base_path(ref)), ref.path)
     else:
         model = load_base(cfg, head="reward", path=ref.path)
     fix_cpu_4bit(model)
+    if cfg.quantization == "none" and device is not None:
+        model.to(device)
     return model.eval()
 
 
-def merge_to_full(ref: ModelRef, cfg: ModelConfig, out_dir: Path) -> Path:
-    """Merge an adapter into its base in full precision (a 4-bit base is loaded unquantized, i.e.
-    dequantized) and save a standalone model + tokenizer. Reused if already written."""
-    if (out_dir / "config.json").is_file():
-        return out_dir
-    merged = load_merged(cfg, ref)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    merged.save_pretrained(tmp)
-    load_tokenizer(cfg, path=ref.path).save_pretrained(tmp)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def _base_path(ref: ModelRef) -> str:
+def base_path(ref: ModelRef) -> str:
     if ref.base is None:
         raise PipelineError(f"adapter {ref.path} does not say which base model it belongs to")
     return resolve_name(ref.base)
@@ -290,86 +275,3 @@ def trainable_summary(model) -> dict[str, int]:
     total = sum(size(p) for p in model.parameters())
     trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
     return {"parameters": int(total), "trainable_parameters": int(trainable)}
-
-
-# --- DPO reference and export helpers ---
-
-
-@dataclass
-class DPOModels:
-    """What DPOTrainer is handed: the policy, its frozen reference, and a LoRA for TRL to add."""
-
-    model: Any  # the policy (a PeftModel when it continues an SFT adapter)
-    ref_model: Any  # a separate frozen model, or None: TRL derives the reference from the policy
-    peft_config: Any  # a fresh LoRA that TRL puts on the policy, or None
-    reference: str  # which reference, for the stage metrics
-
-
-def load_dpo_models(cfg: ModelConfig, lora: LoraConfig | None, sft: ModelRef, precompute: bool = False) -> DPOModels:
-    """The DPO policy and its reference. The reference is always the SFT policy ``sft``, frozen.
-
-    ======================  ===========  ============================  ==========================  =====================
-    SFT output (``sft``)    recipe lora  policy                        handed to DPOTrainer        reference
-    ======================  ===========  ============================  ==========================  =====================
-    adapter (any base,      ignored      base (4-bit if the recipe     model=PeftModel,            "frozen sft adapter":
-    also 4-bit)                          says) + the SFT adapter,      ref_model=None              TRL copies the loaded
-                                         trainable                                                 adapter into a frozen
-                                                                                                   'ref' adapter
-    full                    none         the SFT model                 ref_model = the SFT model   "frozen copy"
-                                                                       loaded a second time,
-                                                                       frozen
-    full, precompute        none         the SFT model                 ref_model=None              "precomputed": TRL
-                                                                                                   runs the untrained
-                                                                                                   policy over the pairs
-                                                                                                   before any step
-    full                    given        the SFT model (4-bit if the   peft_config = recipe lora,  "adapter disabled":
-                                         recipe says); TRL adds a      ref_model=None              the policy with its
-                                         fresh LoRA                                                new adapter switched
-                                                                                                   off
-    ======================  ===========  ============================  ==========================  =====================
-
-    Never the bare base model, and never TRL's implicit reload from ``config._name_or_path`` (it names
-    whatever path the config carries, bypasses this loader's settings, and misses in-memory changes).
-    With a 4-bit recipe the reference is what the policy starts from: the 4-bit base (plus the SFT adapter).
-    Every 4-bit layer is patched by ``fix_cpu_4bit`` (in ``load_base``) before TRL's first no-grad forward
-    (precompute, eval_on_start); TRL's 'ref' adapter reuses those layers and creates none.
-    """
-    if sft.kind == "adapter":
-        return DPOModels(load_policy(cfg, lora, init=sft, trainable=True), None, None, "frozen sft adapter")
-    if lora is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = load_base(cfg, path=sft.path)
-        if cfg.quantization != "none":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        return DPOModels(model, None, peft_config(lora), "adapter disabled")
-    policy = load_policy(cfg, None, init=sft, trainable=True)
-    if precompute:
-        return DPOModels(policy, None, None, "precomputed")
-    return DPOModels(policy, frozen(load_policy(cfg, None, init=sft, trainable=False)), None, "frozen copy")
-
-
-def frozen(model):
-    """No gradients, eval mode (no dropout): a reference model."""
-    model.requires_grad_(False)
-    model.eval()
-    return model
-
-
-def load_merged(cfg: ModelConfig, ref: ModelRef, head: str = "causal_lm"):
-    """A standalone full-precision model from a stage's output.
-
-    A full model loads as saved. An adapter is applied to its base loaded in full precision (a 4-bit or
-    8-bit recipe's base is loaded unquantized: the original weights, not the rounded ones the adapter
-    was trained against) and merged into it (``merge_and_unload``).
-    """
-    from peft import PeftModel
-
-    if ref.kind == "full":
-        return load_base(cfg, head=head, path=ref.path, quantize=False)
-    base = load_base(cfg, head=head, path=_base_path(ref), quantize=False)
-    try:
-        model = PeftModel.from_pretrained(base, ref.path)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"cannot load the adapter {ref.path} on its base {ref.base}: {exc}") from None
-    return model.merge_and_unload()

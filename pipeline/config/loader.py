@@ -1,0 +1,223 @@
+"""Loading a recipe: YAML -> ``--set`` overrides -> validation -> cross-field rules -> absolute paths.
+
+Every problem is collected and reported at once, each naming its key path; unknown keys get the closest
+valid name. Stage kinds come from the registry (``pipeline.stages``). No torch here.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.config.schema import DataSource, Recipe, StageConfig, iter_sources, map_sources, suggest
+from pipeline.errors import RecipeError
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML -> overrides -> validation -> cross-field rules
+# --------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping with at least 'name' and 'stages'")
+    for item in overrides:
+        apply_override(raw, item)
+    return recipe_from_dict(raw, source=path)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply ``a.b.c=value`` to the raw recipe dict; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. stages.sft.train.learning_rate=1e-4")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise RecipeError(f"--set {item!r}: {where} is a value, not a section, so it has no key {parts[depth + 1]!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(raw: dict[str, Any], source: Path | None = None) -> Recipe:
+    raw = copy.deepcopy(raw)
+    where = f"{source}: " if source else ""
+    errors: list[str] = []
+
+    stages_raw = raw.pop("stages", None)
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        errors.append("stages: required; a mapping of stage name -> settings, e.g. stages: {sft: {kind: sft, ...}}")
+        stages_raw = {}
+    stages: dict[str, StageConfig] = {}
+    for name, body in stages_raw.items():
+        stage = _validate_stage(str(name), body, errors)
+        if stage is not None:
+            stages[str(name)] = stage
+
+    base_dir = source.resolve().parent if source else Path.cwd()
+    try:
+        recipe = Recipe.model_validate({**raw, "stages": {}, "source_path": str(source) if source else None})
+    except ValidationError as exc:
+        errors.extend(_format_errors(exc, prefix=(), model=Recipe))
+        recipe = None
+
+    if errors:
+        raise RecipeError(where + "invalid recipe:\n" + "\n".join(f"  - {e}" for e in errors))
+    assert recipe is not None
+    recipe = recipe.model_copy(update={"stages": stages})
+    _check_cross_fields(recipe, errors)
+    if errors:
+        raise RecipeError(where + "invalid recipe:\n" + "\n".join(f"  - {e}" for e in errors))
+    return _resolve_paths(recipe, base_dir)
+
+
+def _validate_stage(name: str, body: Any, errors: list[str]) -> StageConfig | None:
+    from pipeline.stages import kinds
+
+    known = kinds()
+    loc = f"stages.{name}"
+    if not isinstance(body, dict):
+        errors.append(f"{loc}: must be a mapping of settings, got {type(body).__name__}")
+        return None
+    kind = body.get("kind", name if name in known else None)
+    if kind is None:
+        errors.append(f"{loc}.kind: required (the stage name {name!r} is not a stage kind); one of: {', '.join(known)}")
+        return None
+    if kind not in known:
+        errors.append(f"{loc}.kind: unknown stage kind {kind!r}{suggest(str(kind), known)}; one of: {', '.join(known)}")
+        return None
+    model = known[kind].config
+    try:
+        return model.model_validate({**body, "kind": kind})
+    except ValidationError as exc:
+        errors.extend(_format_errors(exc, prefix=("stages", name), model=model))
+        return None
+
+
+def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
+    if recipe.model.quantization != "none" and recipe.lora is None:
+        errors.append(
+            f"model.quantization: {recipe.model.quantization} needs a 'lora:' block — quantized weights cannot be "
+            "trained directly (QLoRA trains a LoRA adapter on the frozen quantized base); add e.g. 'lora: {r: 16}'"
+        )
+    names = list(recipe.stages)
+    for position, (name, stage) in enumerate(recipe.stages.items()):
+        reported = set()
+        for field, target in stage.upstream().items():
+            if target in reported:
+                continue
+            reported.add(target)
+            allowed = stage.FROM_FIELDS[field.split("[")[0]]
+            loc = f"stages.{name}.{field}"
+            if target not in recipe.stages:
+                errors.append(f"{loc}: no stage named {target!r}{suggest(target, names)}; stages: {', '.join(names)}")
+            elif names.index(target) >= position:
+                errors.append(f"{loc}: stage {target!r} must come before {name!r} in the recipe")
+            elif recipe.stages[target].kind not in allowed:
+                errors.append(
+                    f"{loc}: stage {target!r} is a {recipe.stages[target].kind!r} stage; "
+                    f"{field} takes the output of a stage of kind {' or '.join(map(repr, allowed))}"
+                )
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
+    """Make data and launch paths absolute (relative ones are relative to the recipe file)."""
+
+    def absolute(source: DataSource) -> DataSource:
+        if source.path is None or Path(source.path).is_absolute():
+            return source
+        return source.model_copy(update={"path": str((base_dir / source.path).resolve())})
+
+    recipe = map_sources(recipe, absolute)
+    if recipe.launch and not Path(recipe.launch).is_absolute():
+        recipe = recipe.model_copy(update={"launch": str((base_dir / recipe.launch).resolve())})
+    if recipe.launch and not Path(recipe.launch).is_file():
+        raise RecipeError(f"launch: accelerate config file not found: {recipe.launch} (relative paths are relative to the recipe file)")
+    name = recipe.model.name_or_path
+    if name.startswith((".", "/")) or (not name.startswith("builtin:") and (base_dir / name).is_dir()):
+        local = Path(name) if Path(name).is_absolute() else (base_dir / name).resolve()
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name_or_path": str(local)})})
+    return recipe
+
+
+def missing_data_files(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
+    """Local data files the given stages read that do not exist, as 'key.path: file' lines."""
+    return [
+        f"{where}.path: file not found: {source.path}"
+        for name in stages or list(recipe.stages)
+        for where, source in iter_sources(recipe.stages[name], f"stages.{name}")
+        if source.path is not None and not Path(source.path).is_file()
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages
+# --------------------------------------------------------------------------------------------
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Valid field names of the model reached by following ``loc`` from ``model``."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f for f in current.model_fields if f != "source_path"]
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _format_errors(exc: ValidationError, prefix: tuple[str, ...], model: type[BaseModel]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        # pydantic adds union branch names ('list[str]', 'literal[...]') to locations; drop them.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",))))
+        path = ".".join(str(p) for p in prefix + loc)
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(model, loc[:-1])
+            hint = suggest(str(loc[-1]), valid)
+            listing = f"; valid keys here: {', '.join(valid)}" if valid and not hint else ""
+            lines.append(f"{path}: unknown key{hint}{listing}")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            given = err.get("input")
+            shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+            lines.append(f"{path or '(top level)'}: {msg}{shown}")
+    # A union reports once per branch; keep each message once.
+    return list(dict.fromkeys(lines))

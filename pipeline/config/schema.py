@@ -1,0 +1,357 @@
+"""Typed recipes: one YAML describes a whole pipeline.
+
+Everything a run needs is checked here, before anything heavy is imported: unknown keys are refused
+with their full path and the closest valid name, wrong values name the key and what is allowed, and
+cross-field rules (4-bit needs LoRA; ``*_from`` names an earlier stage of the right kind) hold.
+This module must stay importable without torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+
+BUILTIN_TINY_MODEL = "builtin:tiny-llama"
+
+
+class Strict(BaseModel):
+    """Refuses unknown keys; values are checked as they are given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------
+# Model, LoRA, quantization, tracking
+# --------------------------------------------------------------------------------------------
+
+
+class QuantConfig(Strict):
+    """bitsandbytes settings; used only when ``model.quantization`` is 4bit or 8bit."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # None: bfloat16 on a GPU that supports it, float32 otherwise.
+    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        BUILTIN_TINY_MODEL,
+        description="Hub id, local directory, or 'builtin:tiny-llama' (built locally, offline).",
+    )
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    quant: QuantConfig = QuantConfig()
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a Hub model id, a local directory, or 'builtin:tiny-llama'")
+        return value
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear": every linear layer except the output head (peft's shorthand).
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one module name, or 'all-linear'")
+        return value
+
+
+class WandbConfig(Strict):
+    project: str | None = Field(None, description="Defaults to the recipe name.")
+    entity: str | None = None
+    tags: list[str] = []
+    # auto: online when an API key is configured, offline otherwise.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
+class TrackingConfig(Strict):
+    report_to: list[Literal["none", "wandb", "tensorboard"]] = ["none"]
+    wandb: WandbConfig = WandbConfig()
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _none_alone(self) -> "TrackingConfig":
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError("report_to: 'none' cannot be combined with other trackers")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+SFT_FORMATS = ("auto", "alpaca", "messages", "prompt_completion")
+
+
+class DataSource(Strict):
+    """Where rows come from: a local file (json, jsonl, csv, parquet) or a Hub dataset."""
+
+    path: str | None = Field(None, description="Local file; relative paths are relative to the recipe file.")
+    hub: str | None = Field(None, description="Hugging Face dataset id (needs network access).")
+    from_stage: str | None = Field(None, description="An earlier stage's output, e.g. the best-of-n stage's 'best'.")
+    output: str | None = Field(None, description="Which output of from_stage: best (default) or pairs.")
+    subset: str | None = None
+    split: str = "train"
+    format: Literal[
+        "auto", "alpaca", "messages", "prompt_completion", "prompts",  # instruction data and prompts
+        "explicit", "conversational", "implicit", "ranked",  # preference data
+    ] = "auto"
+    # canonical name -> column name in the file, e.g. {instruction: question, output: answer}
+    columns: dict[str, str] = {}
+    limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one_origin(self) -> "DataSource":
+        if sum(x is not None for x in (self.path, self.hub, self.from_stage)) != 1:
+            raise ValueError("give exactly one of 'path' (a local file), 'hub' (a dataset id) or 'from_stage' (an earlier stage)")
+        if self.output is not None and self.from_stage is None:
+            raise ValueError("'output' only applies with 'from_stage'")
+        if self.output is not None and self.output not in ("best", "pairs"):
+            raise ValueError(f"output {self.output!r}: a best-of-n stage writes 'best' and 'pairs'")
+        if self.path is not None and Path(self.path).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
+            raise ValueError(
+                f"path {self.path!r}: unsupported file type; use .json, .jsonl, .csv or .parquet"
+            )
+        return self
+
+    def describe(self) -> str:
+        if self.from_stage is not None:
+            return f"stage:{self.from_stage}/{self.output or 'best'}"
+        return self.path if self.path is not None else f"hub:{self.hub}[{self.split}]"
+
+
+class SFTDataConfig(Strict):
+    train: DataSource
+    eval: DataSource | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held out from train when no eval source.")
+    template: Literal["alpaca", "chat"] = "alpaca"
+    max_length: int = Field(512, gt=8)
+    overlength: Literal["truncate", "drop", "error"] = "truncate"
+
+
+class PreferenceDataConfig(Strict):
+    """Preference pairs: explicit prompt/chosen/rejected, conversational, implicit (HH transcripts),
+    ranked lists, or a best-of-n stage's pairs (``from_stage``)."""
+
+    train: DataSource
+    eval: DataSource | None = None
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held out from train when no eval source.")
+    # none: prompts are used as written (best-of-n pairs are already rendered with the SFT template);
+    # alpaca / chat: plain-text prompts are instructions, rendered like SFT prompts.
+    template: Literal["none", "alpaca", "chat"] = "none"
+    max_length: int = Field(512, gt=8)
+    ranked_strategy: Literal["best_vs_worst", "best_vs_each", "all_pairs"] = "best_vs_worst"
+    on_bad_row: Literal["error", "drop"] = "error"
+    lint: Literal["drop", "error"] = Field("drop", description="Identical, empty or over-long pairs: drop (counted) or error.")
+
+
+# --------------------------------------------------------------------------------------------
+# Training settings shared by the training stages
+# --------------------------------------------------------------------------------------------
+
+
+class TrainConfig(Strict):
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Overrides epochs when set.")
+    batch_size: int = Field(8, gt=0, description="Per device.")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup: float = Field(0.0, ge=0, description="Fraction of training (< 1) or a number of steps.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = "adamw_torch"
+    # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="None: evaluate before and after training only.")
+    save_steps: int = Field(200, gt=0, description="Checkpoint interval; a killed run resumes from the last one.")
+    save_total_limit: int = Field(2, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    # Escape hatch: extra fields of the TRL config class, checked against it at run time.
+    trainer_extra: dict[str, Any] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Stages: the base every stage kind's config extends (the kinds live in pipeline/stages/<kind>.py)
+# --------------------------------------------------------------------------------------------
+
+
+class StageConfig(Strict):
+    """Base of all stage configs. ``kind`` says what the stage is; its name is free."""
+
+    KIND: ClassVar[str] = ""
+    # field name -> stage kinds that field may point at
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    kind: str
+    seed: int | None = Field(None, description="Overrides the recipe seed for this stage.")
+
+    def upstream(self) -> dict[str, str]:
+        """field path (dotted) -> the stage it takes output from."""
+        found = {}
+        for path in self.FROM_FIELDS:
+            node: Any = self
+            for part in path.split("."):
+                node = getattr(node, part, None)
+            if isinstance(node, list):
+                found.update({f"{path}[{i}]": target for i, target in enumerate(node)})
+            elif node:
+                found[path] = node
+        return found
+
+
+class PairsStageConfig(StageConfig):
+    """A stage that trains on preference pairs. ``pairs_from: <bon stage>`` is shorthand for
+    data.train = that stage's pairs."""
+
+    pairs_from: str | None = Field(None, description="A best-of-n stage whose pairs to train on.")
+    data: PreferenceDataConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_from(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("pairs_from"):
+            data = dict(values.get("data") or {})
+            train = data.get("train")
+            # a resolved recipe carries both; anything else is a contradiction
+            if train is not None and not (isinstance(train, dict) and train.get("from_stage") == values["pairs_from"]):
+                raise ValueError("give either 'pairs_from' or 'data.train', not both")
+            data["train"] = {"from_stage": values["pairs_from"], "output": "pairs"}
+            values = {**values, "data": data}
+        return values
+
+    @model_validator(mode="after")
+    def _has_data(self) -> PairsStageConfig:
+        if self.data is None:
+            raise ValueError("needs preference pairs: 'pairs_from: <bon stage>' or a 'data:' block")
+        return self
+
+
+_FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def function_ref(ref: str) -> str:
+    """Validates a ``module:function`` reference (checkers, reward functions)."""
+    if not _FUNCTION_REF.match(ref):
+        raise ValueError(f"{ref!r} is not module:function, e.g. 'pipeline.tinytasks:preferred' or 'mychecks:is_correct'")
+    return ref
+
+
+def function_refs(refs: dict[str, str]) -> dict[str, str]:
+    for ref in refs.values():
+        function_ref(ref)
+    return refs
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe
+# --------------------------------------------------------------------------------------------
+
+
+class Recipe(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    output_dir: str | None = Field(None, description="Default: runs/<name>, relative to the working directory.")
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig | None = None
+    tracking: TrackingConfig = TrackingConfig()
+    launch: str | None = Field(None, description="accelerate config file used by 'pipeline run'.")
+    stages: dict[str, SerializeAsAny[StageConfig]]
+    # Where the recipe came from; not part of the YAML.
+    source_path: str | None = Field(None, exclude=True)
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in self.stages:
+            raise RecipeError(
+                f"recipe {self.name!r} has no stage {name!r}{suggest(name, self.stages)}; "
+                f"stages: {', '.join(self.stages)}"
+            )
+        return self.stages[name]
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The recipe as it will run: defaults filled in, paths absolute. Saved beside every output."""
+        return self.model_dump(mode="json", exclude={"source_path"})
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved_dict(), sort_keys=False, allow_unicode=True)
+
+    def output_path(self, override: str | None = None) -> Path:
+        return Path(override or self.output_dir or f"runs/{self.name}").resolve()
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# Walking a recipe's data sources (one walker for path checks, path resolution and fingerprints)
+# --------------------------------------------------------------------------------------------
+
+
+def iter_sources(node: Any, where: str = "") -> Iterator[tuple[str, DataSource]]:
+    """Every DataSource under ``node`` (a config, dict or list), with its key path."""
+    if isinstance(node, DataSource):
+        yield where, node
+    elif isinstance(node, BaseModel):
+        for field in type(node).model_fields:
+            yield from iter_sources(getattr(node, field), f"{where}.{field}" if where else field)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from iter_sources(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from iter_sources(value, f"{where}[{i}]")
+
+
+def map_sources(node: Any, fn: Callable[[DataSource], DataSource]) -> Any:
+    """``node`` with every DataSource replaced by ``fn(source)``; unchanged parts are kept as they are."""
+    if isinstance(node, DataSource):
+        return fn(node)
+    if isinstance(node, BaseModel):
+        updates = {}
+        for field in type(node).model_fields:
+            value = getattr(node, field)
+            new = map_sources(value, fn)
+            if new is not value:
+                updates[field] = new
+        return node.model_copy(update=updates) if updates else node
+    if isinstance(node, dict):
+        new_dict = {k: map_sources(v, fn) for k, v in node.items()}
+        return new_dict if any(new_dict[k] is not node[k] for k in node) else node
+    if isinstance(node, (list, tuple)):
+        new_list = [map_sources(v, fn) for v in node]
+        return type(node)(new_list) if any(a is not b for a, b in zip(new_list, node)) else node
+    return node
+
+
+def suggest(word: str, choices: Any) -> str:
+    """' (did you mean X?)' for the closest valid name, or ''."""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

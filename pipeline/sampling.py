@@ -1,0 +1,75 @@
+"""Best-of-n candidates: n sampled responses per prompt as records, their scores, and a progress bar.
+
+Shared by the best-of-n stage (which shards, selects and writes) and the eval stage (which evaluates
+best-of-n as a selection policy), so both sample exactly the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pipeline import generation
+from pipeline.data.prompts import PromptRecord
+
+
+class SamplingSettings(Protocol):
+    n: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    batch_size: int
+
+
+def sample_candidates(model, tokenizer, prompts: list[PromptRecord], settings: SamplingSettings, seed: int, bar=None) -> tuple[list[dict], int]:
+    """Unscored candidates (n per prompt) and the number of tokens generated."""
+    progress = (lambda done, tokens, secs: bar.tick(done, tokens, secs)) if bar else None
+    samples = generation.sample_responses(
+        model, tokenizer, [p.prompt for p in prompts], n=settings.n, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, batch_size=settings.batch_size, seed=seed, progress=progress,
+    )
+    candidates = []
+    for s in samples:
+        record = prompts[s.prompt_index]
+        candidates.append({
+            "prompt_id": record.prompt_id,
+            "prompt": record.prompt,
+            "sample_idx": s.sample_idx,
+            "response": generation.decode(tokenizer, s),
+            "finish_reason": s.finish_reason,
+            "n_tokens": len(s.token_ids),
+            "row": record.row,
+        })
+    return candidates, sum(len(s.token_ids) for s in samples)
+
+
+def score_candidates(candidates: list[dict[str, Any]], scorer) -> list[dict[str, Any]]:
+    """Adds each candidate's ``score`` (in place) and returns the candidates."""
+    for candidate, score in zip(candidates, scorer.score(candidates)):
+        candidate["score"] = score
+    return candidates
+
+
+class ProgressBar:
+    """Progress over prompts with tokens/s (main process; tqdm when attached to a terminal)."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.shard_done = 0
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="prompt", desc=desc)
+
+    def new_shard(self) -> None:
+        self.shard_done = 0
+
+    def tick(self, done: int, tokens: int, secs: float) -> None:
+        """``done`` and ``tokens`` count from the start of the current shard."""
+        if self.bar is not None:
+            self.bar.update(done - self.shard_done)
+            self.bar.set_postfix_str(f"{tokens / max(secs, 1e-9):.0f} tok/s")
+        self.shard_done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
