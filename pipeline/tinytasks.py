@@ -3,8 +3,9 @@
 Four tasks a tiny model learns in minutes (single-digit addition, word count,
 capital of a country, opposite of a word). SFT answers are always correct but
 mostly written in a flawed style, so preference learning has a style signal
-to fix that a small reward model can actually learn (see STACK_NOTES.md,
-"What a ~1M-parameter model can show"). Stdlib only, so it imports fast.
+to fix that a small reward model can actually learn. (Measured on a ~1M-parameter model: a reward model
+cannot verify computed answers -- held-out pairwise accuracy 0.49-0.59 on the policy's own right/wrong
+samples -- but learns a response style to 0.99.) Stdlib only, so it imports fast.
 """
 
 from __future__ import annotations

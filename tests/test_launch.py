@@ -1,6 +1,6 @@
 """accelerate launch with 2 CPU processes: DDP (gloo), DeepSpeed ZeRO-2 and ZeRO-3 run the SFT stage.
 
-Each test asserts the world size and distributed type the stage really had (STACK_NOTES: several
+Each test asserts the world size and distributed type the stage really had (several
 launch setups silently run one process, or silently drop DeepSpeed).
 """
 
