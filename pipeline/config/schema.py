@@ -62,6 +62,16 @@ class ModelConfig(Strict):
             raise ValueError("must name a Hub model id, a local directory, or 'builtin:tiny-llama'")
         return value
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        from pipeline.replicas import builtin_names  # torch-free
+
+        known = [BUILTIN_TINY_MODEL, *builtin_names()]
+        if value.startswith("builtin:") and value not in known:
+            raise ValueError(f"unknown built-in model {value!r}; the built-ins are: {', '.join(known)}")
+        return value
+
 
 class LoraConfig(Strict):
     r: int = Field(16, gt=0)

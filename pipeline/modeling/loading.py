@@ -51,7 +51,12 @@ def resolve_name(name_or_path: str) -> str:
 
         return str(tiny_model_path())
     if name_or_path.startswith("builtin:"):
-        raise PipelineError(f"model.name_or_path: unknown built-in model {name_or_path!r}; the built-in is {BUILTIN_TINY_MODEL!r}")
+        from pipeline import replicas
+
+        if replicas.family_of(name_or_path) is not None:
+            return str(replicas.replica_path(name_or_path))
+        known = ", ".join([BUILTIN_TINY_MODEL, *replicas.builtin_names()])
+        raise PipelineError(f"model.name_or_path: unknown built-in model {name_or_path!r}; the built-ins are: {known}")
     return name_or_path
 
 
