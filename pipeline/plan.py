@@ -821,8 +821,8 @@ def headline(recipe: Recipe, stage_name: str, gpu_memory: int | str | None = Non
     memory = parse_gpu_memory(gpu_memory) if isinstance(gpu_memory, str) else gpu_memory
     memory = memory if memory is not None else detected_gpu_memory()
     plan = plan_stage(recipe, stage_name, memory)
-    top = ", ".join(f"{k.split(' (')[0].split(':')[0]} {gib(v)}" for k, v in _largest_first(plan.terms)
-                    if v != CUDA_CONTEXT_BYTES or not k.startswith("CUDA")][:3])
+    largest = [(k, v) for k, v in _largest_first(plan.terms) if not k.startswith("CUDA context")][:3]
+    top = ", ".join(f"{k.split(' (')[0].split(':')[0]} {gib(v)}" for k, v in largest)
     verdict = "" if plan.fits is None else (f"; fits {gib(memory)} GiB" if plan.fits else f"; DOES NOT FIT {gib(memory)} GiB (pipeline plan for fixes)")
     return f"[{stage_name}] memory plan (CUDA GPU): peak ~{gib(plan.peak_bytes)} GiB ({top}){verdict}"
 
