@@ -605,9 +605,10 @@ def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict
         step["AdamW foreach temporary (one state-sized buffer during the step)"] = step_temp
     if master and dist.kind != "zero3":
         step["fp32 gradient partition (DeepSpeed step)"] = 4 * n_train // (n if dist.kind != "zero1" else 1)
+    step_grads = {k: v for k, v in step.items() if k.startswith("gradients")}
     if s.grad_accum > 1:  # accumulated gradients are held through the next micro-batch's forward and backward
-        fwd_bwd.update(step_grads := {k: v for k, v in step.items() if k.startswith("gradients")})
-    else:
+        fwd_bwd.update(step_grads)
+    else:  # gradients are set to None after each optimizer step, so none exist at the activation peak
         step_grads = {}
     fwd_total, step_total = sum(fwd_bwd.values()), sum(step.values())
     if fwd_total >= step_total:
