@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {validate,run,stage,export} ...`` (also the ``pipeline`` console script).
+"""Command line: ``python -m pipeline {validate,plan,run,stage,export} ...`` (also the ``pipeline`` console script).
 
 User errors (bad recipe, bad data, missing upstream output) print one clear message and exit 2;
 no traceback. ``stage`` is what ``accelerate launch -m pipeline stage NAME RECIPE`` runs on every rank.
@@ -36,6 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe and print it resolved")
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    p = sub.add_parser("plan", help="estimate each stage's peak GPU memory, term by term, and whether it fits",
+                       description="Peak GPU memory per stage (weights, gradients, optimizer states, activations, "
+                       "logits, KV cache, sharding) from the model's config.json, with a verdict against --gpu-memory "
+                       "and re-planned suggestions when a stage does not fit. Reads no weights, needs no GPU.")
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--gpu-memory", help="memory of one GPU: 24GiB, 24GB, 80G, or a number of GiB")
+    p.add_argument("--num-processes", type=int, help="processes (GPUs) to shard over (default: the launch config's)")
+    p.add_argument("--launch", help="accelerate config to plan for (default: the recipe's launch)")
+    p.add_argument("--stages", help="comma-separated stage names (default: all)")
+    p.add_argument("--prompt-tokens", type=int, help="prompt length assumed by bon/eval stages (default 256)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout")
 
     p = sub.add_parser("run", help="run a recipe's stages in order (default: the built-in demo)")
     p.add_argument("recipe", nargs="?")
@@ -81,6 +94,11 @@ def _dispatch(args) -> int:
         print(recipe.resolved_yaml(), end="")
         print(f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr)
         return 0
+
+    if args.command == "plan":
+        from pipeline import plan
+
+        return plan.main(args)
 
     if args.command == "export":
         from pipeline.export import export

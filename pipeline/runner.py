@@ -209,6 +209,12 @@ def run_pipeline(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
         if is_cached(recipe, name, run_dir):
             say(f"[{name}] cached: same settings, data and upstream as the finished run; skipped")
             continue
+        try:  # the memory estimate is advice: a planner failure never breaks a run
+            from pipeline.plan import headline
+
+            say(headline(recipe, name))
+        except Exception as exc:  # noqa: BLE001
+            log.debug("no memory plan for stage %s: %s", name, exc)
         say(f"[{name}] running ({recipe.stages[name].kind})" + (f" under accelerate launch --config_file {launch.config}" if separate else ""))
         if separate:
             code = subprocess.call(launch.command(name, run_dir))

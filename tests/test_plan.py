@@ -1,0 +1,192 @@
+"""pipeline plan: exact parameter counts, first-principles peaks, verdicts, suggestions, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli, plan
+from pipeline.config import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA8B = REPO / "bench" / "configs" / "Llama-3.1-8B"
+QWEN05B = REPO / "bench" / "configs" / "Qwen2.5-0.5B"
+QLORA = REPO / "recipes" / "gpu" / "llama3-8b-qlora-sft.yaml"
+GIB = plan.GIB
+
+
+def small_configs():
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320)
+    return {
+        "llama": LlamaConfig(**common, tie_word_embeddings=False),
+        "qwen2": Qwen2Config(**common, tie_word_embeddings=True),
+        "mistral": MistralConfig(**common),
+        "gemma2": Gemma2Config(**common, head_dim=16),
+        "phi3": Phi3Config(**common, pad_token_id=0),
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "phi3"])
+def test_counts_equal_the_instantiated_model(arch):
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = small_configs()[arch]
+    shape = plan.shape_of_config(cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    params = list(model.parameters())
+    assert shape.total == sum(p.numel() for p in params)
+    assert shape.embedding + shape.head + shape.norms + shape.other + shape.linear_weights == shape.total
+    setup = plan.Setup(kind="sft", head="causal_lm", weight_bytes=2, act_bytes=2, quantization="none", quant_double=True,
+                       lora=None, checkpointing=False)
+    assert sum(plan.weight_terms(shape, setup, training=True).values()) == sum(p.numel() * p.element_size() for p in params)
+    # LoRA on all-linear: what peft actually creates
+    lora = load_recipe(REPO / "recipes" / "demo.yaml", ["lora.r=4"]).lora
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    created = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert sum(t.numel for t in plan.lora_tensors(shape, lora)) == created
+    assert all(p.dtype == torch.float32 for n, p in peft_model.named_parameters() if "lora_" in n)  # 4 bytes each, as planned
+
+
+def test_reward_shape_has_a_one_output_head_and_no_vocab_term():
+    shape = plan.shape_of_config(small_configs()["llama"], head="reward")
+    assert shape.head == shape.hidden  # score: hidden -> 1
+    setup = plan.Setup(kind="reward", head="reward", weight_bytes=2, act_bytes=2, quantization="none", quant_double=True,
+                       lora=None, checkpointing=True, sequences=4, length=128)
+    head = sum(plan.head_terms(shape, setup, head_trainable=True, fused=False).values())
+    assert head < 4 * 128 * shape.vocab  # nothing sized by the vocabulary
+
+
+def test_nf4_bytes_first_principles():
+    n = 4096 * 14336
+    blocks = n // 64
+    assert plan.nf4_bytes(n, double_quant=False) == n // 2 + 4 * blocks
+    assert plan.nf4_bytes(n, double_quant=True) == n // 2 + blocks + 4 * (blocks // 256)
+
+
+def test_llama8b_published_parameter_count():
+    shape = plan.model_shape(str(LLAMA8B))
+    assert shape.total == 8_030_261_248
+    assert not shape.tied and shape.head == 128256 * 4096
+
+
+def _plan(recipe_path, overrides, stage="sft", gpu="24GiB"):
+    recipe = load_recipe(recipe_path, overrides)
+    return plan.plan_recipe(recipe, [stage], plan.parse_gpu_memory(gpu))[stage]
+
+
+def test_llama8b_full_finetune_bf16_adamw_does_not_fit_24gib():
+    p = _plan(QLORA, [f"model.name_or_path={LLAMA8B}", "model.quantization=none", "lora=null", "stages.sft.train.optim=adamw_torch",
+                      "stages.sft.train.batch_size=1", "stages.sft.data.max_length=2048"])
+    assert p.peak_bytes >= 60 * GIB  # 2 (weights) + 2 (grads) + 4 (bf16 AdamW) bytes x 8.03B alone is 59.8 GiB
+    assert p.fits is False
+    assert p.suggestions and all(s["peak_bytes"] < p.peak_bytes for s in p.suggestions)
+
+
+def test_llama8b_qlora_r16_checkpointing_fits_24gib():
+    p = _plan(QLORA, [f"model.name_or_path={LLAMA8B}", "stages.sft.train.batch_size=1", "stages.sft.data.max_length=2048"])
+    assert 6 * GIB <= p.peak_bytes <= 14 * GIB
+    assert p.fits is True and not p.suggestions
+
+
+def test_suggestions_are_replans_with_the_change_applied():
+    overrides = [f"model.name_or_path={QWEN05B}", "model.gradient_checkpointing=false"]
+    p = _plan(REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full-sft.yaml", overrides, gpu="8GiB")
+    assert p.fits is False
+    for sug in p.suggestions:
+        if sug["set"]:
+            again = _plan(REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full-sft.yaml", overrides + sug["set"], gpu="8GiB")
+            assert again.peak_bytes == sug["peak_bytes"] and again.fits == sug["fits"]
+    checkpointing = next(s for s in p.suggestions if s["change"] == "activation checkpointing")
+    assert checkpointing["peak_bytes"] < p.peak_bytes
+
+
+def test_more_tokens_more_activations_and_checkpointing_saves():
+    base = [f"model.name_or_path={QWEN05B}", "model.gradient_checkpointing=false"]
+    qwen = REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full-sft.yaml"
+    short = _plan(qwen, base + ["stages.sft.data.max_length=512"]).peak_bytes
+    long = _plan(qwen, base + ["stages.sft.data.max_length=2048"]).peak_bytes
+    ckpt = _plan(qwen, base + ["stages.sft.data.max_length=2048", "model.gradient_checkpointing=true"]).peak_bytes
+    assert short < long and ckpt < long
+
+
+def test_sharding_divides_what_zero3_shards():
+    recipe = load_recipe(QLORA, [f"model.name_or_path={LLAMA8B}", "model.quantization=none", "lora=null", "stages.sft.train.optim=adamw_torch"])
+    one = plan.plan_stage(recipe, "sft", dist=plan.Distribution())
+    zero3 = plan.plan_stage(recipe, "sft", dist=plan.read_launch(str(REPO / "launch" / "zero3.yaml"), 8))
+    zero2 = plan.plan_stage(recipe, "sft", dist=plan.read_launch(str(REPO / "launch" / "zero2.yaml"), 8))
+    assert zero3.peak_bytes < zero2.peak_bytes < one.peak_bytes
+    weights = lambda p: sum(v for k, v in p.terms.items() if k.startswith("weights"))  # noqa: E731
+    assert weights(zero3) == weights(one) // 8 and weights(zero2) == weights(one)
+
+
+def test_dpo_reference_copy_adapter_or_precomputed():
+    recipe = REPO / "recipes" / "demo.yaml"
+    copy = _plan(recipe, [], "dpo")
+    pre = _plan(recipe, ["stages.dpo.precompute_ref_log_probs=true"], "dpo")
+    lora = _plan(recipe, ["lora.r=8"], "dpo")
+    shape = plan.model_shape(plan.BUILTIN_TINY_MODEL)
+    assert copy.terms["reference model (frozen full copy)"] == shape.total * 4
+    assert not any(k.startswith("reference") for k in pre.terms)
+    assert any(k.startswith("reference adapter") for k in lora.terms)
+
+
+def test_generation_kv_cache_scales_with_n_and_length():
+    recipe = REPO / "recipes" / "demo.yaml"
+    a = _plan(recipe, [], "bon")
+    b = _plan(recipe, ["stages.bon.n=16"], "bon")
+    kv = lambda p: next(v for k, v in {**p.terms, **p.other_terms}.items() if k.startswith("KV cache"))  # noqa: E731
+    assert kv(b) == pytest.approx(2 * kv(a), rel=0.01)
+
+
+@pytest.mark.parametrize("text,gib", [("24GiB", 24), ("24GB", 24), ("80G", 80), ("24", 24), ("16384MiB", 16), ("0.5 TB", 512)])
+def test_gpu_memory_parsing(text, gib):
+    assert plan.parse_gpu_memory(text) == gib * GIB
+
+
+def test_every_recipe_plans_with_a_verdict(capsys):
+    local = {"llama3-8b-qlora-sft.yaml": LLAMA8B, "qwen2.5-0.5b-full-sft.yaml": QWEN05B}
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        args = ["plan", str(path), "--gpu-memory", "24GiB"]
+        if path.name in local:
+            args += ["--set", f"model.name_or_path={local[path.name]}"]
+        assert cli.main(args) == 0, path
+        text = capsys.readouterr().out
+        recipe = load_recipe(path)
+        for name in recipe.stages:
+            assert f"[{name}]" in text
+        assert text.count("verdict: ") == len(recipe.stages)
+        assert cli.main(args + ["--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert set(data["stages"]) == set(recipe.stages)
+        for stage in data["stages"].values():
+            assert stage["peak_bytes"] == sum(stage["terms"].values()) and isinstance(stage["fits"], bool)
+
+
+def test_headline_is_one_line_with_a_verdict():
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml")
+    line = plan.headline(recipe, "sft", "24GiB")
+    assert "\n" not in line and line.startswith("[sft]") and "fits 24.00 GiB" in line
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", "plan", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_bad_inputs_exit_2_with_a_message_naming_the_thing(tmp_path):
+    demo = str(REPO / "recipes" / "demo.yaml")
+    out = _cli(demo, "--set", "model.name_or_path=nobody/no-such-model-xyz")
+    assert out.returncode == 2 and "nobody/no-such-model-xyz" in out.stderr and "config.json" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _cli(demo, "--set", "stages.sft.train.optim=adamw_tourch", "--stages", "sft")
+    assert out.returncode == 2 and "adamw_tourch" in out.stderr and "adamw_torch" in out.stderr
+    out = _cli(demo, "--gpu-memory", "lots")
+    assert out.returncode == 2 and "--gpu-memory" in out.stderr and "lots" in out.stderr
