@@ -66,6 +66,47 @@ def set_eval_on_start(trainer, enabled: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# transformers Trainer: length-grouped batches of pairs
+# ----------------------------------------------------------------------------------------------
+
+
+def sequence_length(row: dict[str, Any]) -> int:
+    """Tokens a tokenized row occupies in a batch: SFT rows (input_ids); preference pairs, whose chosen and
+    rejected are padded to the longer of the two (prompt_ids + chosen_ids / rejected_ids)."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    return len(row.get("prompt_ids") or []) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+
+
+_GROUPED: dict[type, type] = {}
+
+
+def length_grouped(trainer_cls: type) -> type:
+    """``trainer_cls`` whose ``train_sampling_strategy="group_by_length"`` sampler measures rows with
+    ``sequence_length``.
+
+    The Trainer's own group_by_length reads a ``length`` column (which it drops with the other columns the model
+    does not take before it builds the sampler) or ``input_ids`` (which TRL's preference datasets do not have), so
+    pairs could not be grouped. This overrides ``Trainer._get_train_sampler(train_dataset)``, which the Trainer
+    calls with the dataset it is about to batch.
+    """
+    if trainer_cls not in _GROUPED:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        class Grouped(trainer_cls):
+            def _get_train_sampler(self, train_dataset=None):
+                if self.args.train_sampling_strategy != "group_by_length":
+                    return super()._get_train_sampler(train_dataset)
+                dataset = train_dataset if train_dataset is not None else self.train_dataset
+                lengths = [sequence_length(row) for row in dataset]
+                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
+
+        Grouped.__name__ = Grouped.__qualname__ = f"Grouped{trainer_cls.__name__}"
+        _GROUPED[trainer_cls] = Grouped
+    return _GROUPED[trainer_cls]
+
+
+# ----------------------------------------------------------------------------------------------
 # trl DPOTrainer: loss names, the frozen 'ref' adapter, the reference log-prob cache
 # ----------------------------------------------------------------------------------------------
 

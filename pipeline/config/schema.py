@@ -206,6 +206,13 @@ class TrainConfig(Strict):
     save_steps: int = Field(200, gt=0, description="Checkpoint interval; a killed run resumes from the last one.")
     save_total_limit: int = Field(2, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)
+    batching: Literal["auto", "padded", "grouped", "packed"] = Field(
+        "auto",
+        description="How rows form batches. padded: random batches, padded to their longest row. grouped: rows of "
+        "similar length batched together (sorted within large random buckets; every row once per epoch). packed: "
+        "SFT rows packed into max_length sequences with no padding (padding-free attention; fast with flash "
+        "attention on a GPU, slower on CPU). auto: packed for SFT with flash attention on a GPU, else grouped.",
+    )
     # Escape hatch: extra fields of the TRL config class, checked against it at run time.
     trainer_extra: dict[str, Any] = {}
 
@@ -242,6 +249,13 @@ class StageConfig(Strict):
 class PairsStageConfig(StageConfig):
     """A stage that trains on preference pairs. ``pairs_from: <bon stage>`` is shorthand for
     data.train = that stage's pairs."""
+
+    # the FROM_FIELDS entries every pair-training stage shares
+    PAIR_SOURCES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pairs_from": ("bon",),
+        "data.train.from_stage": ("bon",),
+        "data.eval.from_stage": ("bon",),
+    }
 
     pairs_from: str | None = Field(None, description="A best-of-n stage whose pairs to train on.")
     data: PreferenceDataConfig | None = None

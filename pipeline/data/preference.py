@@ -622,3 +622,15 @@ def _rendered(pair: PreferencePair, template: str) -> PreferencePair:
     if template == "chat":
         return replace(pair, prompt=prompt, chosen=_assistant(pair.chosen), rejected=_assistant(pair.rejected), lead=("", ""))
     return replace(pair, prompt=prompt)
+
+
+def summary_line(name: str, summary: dict[str, Any]) -> str:
+    """One console line: pairs kept and dropped per split, and the linter's warnings."""
+    parts = []
+    for split in ("train", "eval"):
+        rep = summary.get(split)
+        if rep:
+            reasons = ", ".join(f"{kind} {n}" for kind, n in rep.get("problems", {}).items() if n)
+            parts.append(f"{split} {rep['kept']} pairs ({rep['dropped']} dropped{': ' + reasons if reasons else ''})")
+    warnings = list(dict.fromkeys(w for split in ("train", "eval") for w in (summary.get(split) or {}).get("warnings", [])))
+    return f"[{name}] preference data: " + ", ".join(parts) + (f"; warnings: {'; '.join(warnings)}" if warnings else "")

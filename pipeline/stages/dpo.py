@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from pipeline import compat
 from pipeline.config.schema import PairsStageConfig, TrainConfig
 from pipeline.context import StageContext
-from pipeline.data.preference import prepare_pairs
+from pipeline.data.preference import prepare_pairs, summary_line
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.fileio import write_json_atomic
 from pipeline.stages import StageKind, register
@@ -29,12 +29,7 @@ class DPOStage(PairsStageConfig):
     """DPO against a frozen reference: the policy_from model (TRL DPOTrainer)."""
 
     KIND: ClassVar[str] = "dpo"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "policy_from": ("sft",),
-        "pairs_from": ("bon",),
-        "data.train.from_stage": ("bon",),
-        "data.eval.from_stage": ("bon",),
-    }
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",), **PairsStageConfig.PAIR_SOURCES}
 
     kind: Literal["dpo"] = "dpo"
     policy_from: str = Field(..., description="The sft stage whose model is the policy's start and the frozen reference.")
@@ -117,7 +112,7 @@ def build_trainer(ctx: StageContext[DPOStage]):
     except ValueError as exc:
         raise RecipeError(f"stages.{ctx.name}: TRL's DPOConfig refuses these settings: {exc}") from None
     setup = modeling.load_dpo_models(recipe.model, recipe.lora, policy, precompute=cfg.precompute_ref_log_probs)
-    trainer = compat.dpo_trainer_class()(
+    trainer = compat.length_grouped(compat.dpo_trainer_class())(
         model=setup.model, ref_model=setup.ref_model, peft_config=setup.peft_config, args=args,
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
     )
@@ -165,7 +160,7 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     summary["max_length"] = data.max_length
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
-        ctx.say(_summary_line(ctx.name, summary))
+        ctx.say(summary_line(ctx.name, summary))
     if ctx.cfg.precompute_ref_log_probs:  # on disk, where TRL's reference log-prob cache can find it again
 
         def to_ds(records):
@@ -205,16 +200,6 @@ def margins_series(history: list[dict]) -> dict[str, list[dict]]:
         for h in history if "eval_rewards/margins" in h
     ]
     return {"train": train, "heldout": heldout}
-
-
-def _summary_line(name: str, summary: dict[str, Any]) -> str:
-    parts = []
-    for split in ("train", "eval"):
-        rep = summary.get(split)
-        if rep:
-            parts.append(f"{split} {rep['kept']} pairs ({rep['dropped']} dropped)")
-    warnings = list(dict.fromkeys(w for split in ("train", "eval") for w in (summary.get(split) or {}).get("warnings", [])))
-    return f"[{name}] preference data: " + ", ".join(parts) + (f"; warnings: {'; '.join(warnings)}" if warnings else "")
 
 
 KIND = register(

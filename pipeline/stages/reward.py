@@ -14,7 +14,7 @@ from pydantic import Field
 from pipeline import compat, plots
 from pipeline.config.schema import PairsStageConfig, TrainConfig
 from pipeline.context import StageContext
-from pipeline.data.preference import prepare_pairs
+from pipeline.data.preference import prepare_pairs, summary_line
 from pipeline.errors import GateFailed
 from pipeline.fileio import write_json_atomic
 from pipeline.stages import StageKind, register
@@ -24,12 +24,7 @@ class RewardStage(PairsStageConfig):
     """A reward model: a sequence classifier with one output, trained on preference pairs (TRL RewardTrainer)."""
 
     KIND: ClassVar[str] = "reward"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "base_from": ("sft",),
-        "pairs_from": ("bon",),
-        "data.train.from_stage": ("bon",),
-        "data.eval.from_stage": ("bon",),
-    }
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"base_from": ("sft",), **PairsStageConfig.PAIR_SOURCES}
 
     kind: Literal["reward"] = "reward"
     base_from: str | None = Field(None, description="Start from an sft stage's model (default: the recipe's base model).")
@@ -66,14 +61,14 @@ def build_trainer(ctx: StageContext[RewardStage]):
     )
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
-        ctx.say(f"[{ctx.name}] {len(train)} training pairs, {len(held)} held out")
+        ctx.say(summary_line(ctx.name, summary))
     quantized = recipe.model.quantization != "none"
     args = training.trl_args(
         RewardConfig, ctx, max_length=cfg.data.max_length,
         precision=compat.KBIT_REWARD_PRECISION if quantized else None,
     )
     model, base = modeling.load_reward_model(recipe.model, recipe.lora, init=init, work_dir=ctx.stage_dir)
-    trainer = RewardTrainer(
+    trainer = compat.length_grouped(RewardTrainer)(
         model=model, args=args, train_dataset=training.to_dataset(train), eval_dataset=training.to_dataset(held),
         processing_class=tokenizer,
     )

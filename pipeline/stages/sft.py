@@ -6,6 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from pipeline import compat
 from pipeline.config.schema import SFTDataConfig, StageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
@@ -55,12 +56,10 @@ def build_trainer(ctx: StageContext[SFTStage]):
         ctx,
         max_length=cfg.data.max_length,
         completion_only_loss=True,  # prompt/completion data: loss on the response tokens only
-        # packing / padding-free attention was measured ~7x slower per token on CPU SDPA (a block-diagonal
-        # mask instead of varlen kernels); opt in via trainer_extra on GPUs with flash attention
-        packing=False,
+        packable=True,
     )
     model = modeling.load_policy(recipe.model, recipe.lora, init=init)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    trainer = compat.length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
     return trainer, summary
 
 
