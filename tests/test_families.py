@@ -99,7 +99,6 @@ def test_reward_score_is_independent_of_batch_and_padding_side(family):
     tok = modeling.load_tokenizer(cfg)
     torch.manual_seed(0)
     model = modeling.load_base(cfg, head="reward").eval()
-    assert model.config.pad_token_id == tok.pad_token_id
     pair = [{"prompt": CONVERSATION, "response": "The answer is 5."}, {"prompt": CONVERSATION, "response": "Five."}]
     longer = [{"prompt": CONVERSATION + [{"role": "assistant", "content": "Hm."}, {"role": "user", "content": "Say it again " * 6}],
                "response": "The answer is 5, as I said before, five."}]
@@ -107,6 +106,7 @@ def test_reward_score_is_independent_of_batch_and_padding_side(family):
     for side in ("right", "left"):
         batched = RewardModelScorer(model, tok, "rm", batch_size=8, padding_side=side).score(pair + longer)
         assert batched[:2] == pytest.approx(alone, abs=1e-4), f"{family}, {side} padding"
+    assert model.config.pad_token_id == tok.pad_token_id
 
 
 def test_reward_head_pads_with_the_tokenizer_pad_when_eos_is_a_list():

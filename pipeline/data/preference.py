@@ -264,8 +264,11 @@ def _messages(value: Any, key: str) -> list[dict[str, str]]:
         raise RowProblem(f"{key!r} must be a list of {{role, content}} messages, got {type(value).__name__} ({_short(value)})", "wrong_type")
     if not value:
         raise RowProblem(f"{key!r} is an empty message list", "empty")
+    from pipeline.data.sft import _sharegpt_message
+
     clean = []
     for j, msg in enumerate(value):
+        msg = _sharegpt_message(msg)  # {"from": "human", "value": ...} turns are read as {"role": "user", ...}
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             hint = " (from/value messages: rename them to role/content)" if isinstance(msg, dict) and "from" in msg else ""
             raise RowProblem(f"{key}[{j}] must be an object with 'role' and 'content'{hint}", "bad_message")
