@@ -40,14 +40,18 @@ def model_problems(recipe: Recipe) -> list[str]:
         if files is None:
             return []  # not in the local cache: checked by the stage once the tokenizer is loaded
     if not any(f in files for f in TOKENIZER_FILES):
-        return [f"model.name_or_path: {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                "save the tokenizer beside the weights (tokenizer.save_pretrained(dir))"]
+        return [
+            f"model.name_or_path: {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer beside the weights (tokenizer.save_pretrained(dir))"
+        ]
     stages = chat_stages(recipe)
     if stages and not _has_chat_template(files):
-        return [f"stages.{stages[0]}: template: chat, but the tokenizer of {name} has no chat template"
-                f"{' (also used by: ' + ', '.join(stages[1:]) + ')' if stages[1:] else ''}. Use 'template: alpaca' "
-                "with instruction data, pick a checkpoint that ships a chat template (an -Instruct / -it model), or add "
-                "chat_template.jinja to the model directory"]
+        return [
+            f"stages.{stages[0]}: template: chat, but the tokenizer of {name} has no chat template"
+            f"{' (also used by: ' + ', '.join(stages[1:]) + ')' if stages[1:] else ''}. Use 'template: alpaca' "
+            "with instruction data, pick a checkpoint that ships a chat template (an -Instruct / -it model), or add "
+            "chat_template.jinja to the model directory"
+        ]
     return []
 
 

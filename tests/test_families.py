@@ -15,10 +15,11 @@ import shutil
 
 import pytest
 import yaml
-from conftest import run_cli
 from families import FAMILIES, adapter_pipeline, full_pipeline, write_family_data
 
 from pipeline import replicas
+
+from conftest import run_cli
 
 BOS_FAMILIES = ("llama3", "mistral", "gemma2")  # the tokenizer adds BOS and the chat template writes it
 CONVERSATION = [{"role": "user", "content": "What is 2 plus 3?"}]
@@ -76,9 +77,12 @@ def test_prompts_and_reward_inputs_have_one_bos(family):
     tok = tokenizer_of(family)
     chat_prompt, text_prompt = encode_prompts(tok, [CONVERSATION, "### Instruction:\nAdd 2 and 3.\n\n### Response:"])
     scorer = RewardModelScorer(None, tok, "rm")
-    for what, ids in (("chat prompt", chat_prompt), ("text prompt", text_prompt),
-                      ("chat reward input", scorer.encode(CONVERSATION, "The answer is 5.")),
-                      ("text reward input", scorer.encode("Add 2 and 3.\n", "The answer is 5."))):
+    for what, ids in (
+        ("chat prompt", chat_prompt),
+        ("text prompt", text_prompt),
+        ("chat reward input", scorer.encode(CONVERSATION, "The answer is 5.")),
+        ("text reward input", scorer.encode("Add 2 and 3.\n", "The answer is 5.")),
+    ):
         assert_one_bos(ids, tok, family, what)
 
 
@@ -100,8 +104,13 @@ def test_reward_score_is_independent_of_batch_and_padding_side(family):
     torch.manual_seed(0)
     model = modeling.load_base(cfg, head="reward").eval()
     pair = [{"prompt": CONVERSATION, "response": "The answer is 5."}, {"prompt": CONVERSATION, "response": "Five."}]
-    longer = [{"prompt": CONVERSATION + [{"role": "assistant", "content": "Hm."}, {"role": "user", "content": "Say it again " * 6}],
-               "response": "The answer is 5, as I said before, five."}]
+    longer = [
+        {
+            "prompt": CONVERSATION
+            + [{"role": "assistant", "content": "Hm."}, {"role": "user", "content": "Say it again " * 6}],
+            "response": "The answer is 5, as I said before, five.",
+        }
+    ]
     alone = [RewardModelScorer(model, tok, "rm", batch_size=1).score([item])[0] for item in pair]
     for side in ("right", "left"):
         batched = RewardModelScorer(model, tok, "rm", batch_size=8, padding_side=side).score(pair + longer)
@@ -132,9 +141,15 @@ def test_pair_linter_measures_a_reply_after_its_prompt_on_strict_templates(famil
     from pipeline.modeling import token_length
 
     tok = tokenizer_of(family)
-    pairs = [PreferencePair(CONVERSATION, [{"role": "assistant", "content": "The answer is 5."}],
-                            [{"role": "assistant", "content": "It is five, I think, or maybe six."}], f"pairs.jsonl row {i}")
-             for i in range(1, 3)]
+    pairs = [
+        PreferencePair(
+            CONVERSATION,
+            [{"role": "assistant", "content": "The answer is 5."}],
+            [{"role": "assistant", "content": "It is five, I think, or maybe six."}],
+            f"pairs.jsonl row {i}",
+        )
+        for i in range(1, 3)
+    ]
     kept, report = lint_pairs(pairs, count_tokens=partial(token_length, tok), max_length=64)
     assert len(kept) == 2 and report["length_unit"] == "tokens"
     chosen = len(tok("The answer is 5.", add_special_tokens=False)["input_ids"])
@@ -151,22 +166,33 @@ def test_a_conversation_the_template_refuses_is_a_data_error_naming_the_row():
     from pipeline.modeling import token_length
 
     system = [{"role": "system", "content": "Be brief."}] + CONVERSATION
-    pair = PreferencePair(system, [{"role": "assistant", "content": "5"}], [{"role": "assistant", "content": "6"}], "prefs.jsonl row 7")
-    with pytest.raises(DataError, match=r"prefs.jsonl row 7: .*refuses.*System role not supported.*merge a system message"):
+    pair = PreferencePair(
+        system, [{"role": "assistant", "content": "5"}], [{"role": "assistant", "content": "6"}], "prefs.jsonl row 7"
+    )
+    with pytest.raises(
+        DataError, match=r"prefs.jsonl row 7: .*refuses.*System role not supported.*merge a system message"
+    ):
         lint_pairs([pair], count_tokens=partial(token_length, tokenizer_of("gemma2")), max_length=64)
 
 
-@pytest.mark.parametrize("family, expected", [
-    ("mistral", r"row 1: the prompt renders differently alone .*drops or moves the system message"),
-    ("gemma2", r"row 1: the model's chat template refuses this conversation \(System role not supported\)"),
-])
+@pytest.mark.parametrize(
+    "family, expected",
+    [
+        ("mistral", r"row 1: the prompt renders differently alone .*drops or moves the system message"),
+        ("gemma2", r"row 1: the model's chat template refuses this conversation \(System role not supported\)"),
+    ],
+)
 def test_sft_data_with_a_system_turn_is_refused_where_the_template_loses_or_refuses_it(family, expected):
     from pipeline.data.chat_checks import check_chat_examples
     from pipeline.data.sft import Example
     from pipeline.errors import DataError
 
     tok = tokenizer_of(family)
-    example = Example([{"role": "system", "content": "Be brief."}] + CONVERSATION, [{"role": "assistant", "content": "5"}], "sft.jsonl row 1")
+    example = Example(
+        [{"role": "system", "content": "Be brief."}] + CONVERSATION,
+        [{"role": "assistant", "content": "5"}],
+        "sft.jsonl row 1",
+    )
 
     def render(messages, gen):
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
@@ -192,8 +218,19 @@ def _model_without_chat_template(tmp_path):
 
 def _recipe(tmp_path, model: str, template: str = "chat") -> str:
     data = write_family_data(tmp_path)
-    raw = {"name": "bad", "model": {"name_or_path": model}, "stages": {"sft": {"kind": "sft", "data": {
-        "train": {"path": str(data["messages" if template == "chat" else "alpaca"])}, "template": template}}}}
+    raw = {
+        "name": "bad",
+        "model": {"name_or_path": model},
+        "stages": {
+            "sft": {
+                "kind": "sft",
+                "data": {
+                    "train": {"path": str(data["messages" if template == "chat" else "alpaca"])},
+                    "template": template,
+                },
+            }
+        },
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -225,8 +262,13 @@ def test_validate_refuses_a_model_directory_without_a_tokenizer(tmp_path):
 def test_unknown_family_and_unknown_offline_model_are_one_clear_error(tmp_path):
     proc = run_cli("validate", _recipe(tmp_path, "builtin:replica-falcon"))
     _assert_user_error(proc, "builtin:replica-falcon", "builtin:replica-llama3")
-    proc = run_cli("run", _recipe(tmp_path, "no-such-org/no-such-model", template="alpaca"),
-                   "--output-dir", str(tmp_path / "run"), env={"HF_HUB_OFFLINE": "1"})
+    proc = run_cli(
+        "run",
+        _recipe(tmp_path, "no-such-org/no-such-model", template="alpaca"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     _assert_user_error(proc, "no-such-org/no-such-model")
 
 
@@ -265,7 +307,11 @@ def test_every_stage_runs_and_nothing_leaks_special_tokens(full_run):
     family, recipe, run_dir, manifest = full_run
     assert all(manifest["stages"][name]["status"] == "done" for name in recipe.stages)
     texts = []
-    for path in (run_dir / "bon" / "candidates.jsonl", run_dir / "bon" / "pairs.jsonl", run_dir / "eval" / "responses.jsonl"):
+    for path in (
+        run_dir / "bon" / "candidates.jsonl",
+        run_dir / "bon" / "pairs.jsonl",
+        run_dir / "eval" / "responses.jsonl",
+    ):
         texts += [json.dumps(json.loads(line)) for line in path.read_text().splitlines()]
     assert texts
     leaked = [(token, text[:200]) for text in texts for token in special_texts(family) if token in text]
@@ -285,7 +331,9 @@ def test_sft_labels_hold_the_end_of_turn_and_greedy_generation_stops(full_run):
     ref = modeling.ModelRef.from_dict(manifest["stages"]["sft"]["outputs"]["model"])
     tok = modeling.load_tokenizer(recipe.model, path=ref.path, padding_side="left")
     model = modeling.load_frozen_policy(recipe.model, ref)
-    prompts = [json.loads(line)["messages"][:1] for line in (run_dir.parent / "messages.jsonl").read_text().splitlines()]
+    prompts = [
+        json.loads(line)["messages"][:1] for line in (run_dir.parent / "messages.jsonl").read_text().splitlines()
+    ]
     samples = generation.sample_responses(model, tok, prompts, n=1, max_new_tokens=24, temperature=0)
     stopped = [s for s in samples if s.finish_reason == "eos" and len(s.token_ids) < 24]
     assert len(stopped) >= len(samples) - 1, [generation.decode(tok, s) for s in samples]
@@ -304,7 +352,9 @@ def test_trainers_get_one_bos_and_the_end_of_turn_in_the_labels(full_run):
     scratch = run_dir.parent / "trainers"
 
     def ctx(name):
-        return StageContext(recipe=recipe, name=name, cfg=recipe.stages[name], run_dir=run_dir, stage_dir=scratch / name, seed=0)
+        return StageContext(
+            recipe=recipe, name=name, cfg=recipe.stages[name], run_dir=run_dir, stage_dir=scratch / name, seed=0
+        )
 
     for name in ("sft_alpaca", "sft"):
         trainer, _ = sft.build_trainer(ctx(name))
@@ -334,7 +384,9 @@ def test_export_reloads_to_identical_logits(full_run, tmp_path):
     family, _, run_dir, manifest = full_run
     export(run_dir, "dpo", tmp_path / "out", say=lambda *_: None)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    original = AutoModelForCausalLM.from_pretrained(manifest["stages"]["dpo"]["outputs"]["model"]["path"], dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(
+        manifest["stages"]["dpo"]["outputs"]["model"]["path"], dtype=torch.float32
+    )
     assert exported.config.tie_word_embeddings == replicas.FAMILIES[family].arch["tie_word_embeddings"]
     ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "out")("The answer is 5.")["input_ids"]])
     assert torch.equal(exported(ids).logits, original(ids).logits)

@@ -13,16 +13,27 @@ from pipeline.data.sft import load_sft_examples
 from pipeline.data.sources import read_source
 from pipeline.errors import RecipeError
 
-HH_ROW = {"chosen": "\n\nHuman: What is 2+3?\n\nAssistant: 5.", "rejected": "\n\nHuman: What is 2+3?\n\nAssistant: 6, I think."}
+HH_ROW = {
+    "chosen": "\n\nHuman: What is 2+3?\n\nAssistant: 5.",
+    "rejected": "\n\nHuman: What is 2+3?\n\nAssistant: 6, I think.",
+}
 ULTRAFEEDBACK_ROW = {  # HuggingFaceH4/ultrafeedback_binarized, split train_prefs: the prompt is inside chosen/rejected
-    "prompt": "What is 2+3?", "prompt_id": "abc",
+    "prompt": "What is 2+3?",
+    "prompt_id": "abc",
     "chosen": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}],
     "rejected": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "6."}],
     "messages": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5."}],
-    "score_chosen": 9.0, "score_rejected": 3.0,
+    "score_chosen": 9.0,
+    "score_rejected": 3.0,
 }
-SHAREGPT_ROW = {"id": "x1", "conversations": [
-    {"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 2+3?"}, {"from": "gpt", "value": "5."}]}
+SHAREGPT_ROW = {
+    "id": "x1",
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "What is 2+3?"},
+        {"from": "gpt", "value": "5."},
+    ],
+}
 
 
 class FakeDataset:
@@ -54,7 +65,11 @@ def test_data_dir_and_split_names_reach_load_dataset(hub):
     source = DataSource(hub="Anthropic/hh-rlhf", data_dir="harmless-base", split="test")
     pairs, stats = load_preference_pairs(read_source(source))
     assert calls == [(("Anthropic/hh-rlhf", None), {"split": "test", "data_dir": "harmless-base"})]
-    assert stats["format"] == "implicit" and pairs[0].chosen == "5." and stats["source"] == "hub:Anthropic/hh-rlhf/harmless-base[test]"
+    assert (
+        stats["format"] == "implicit"
+        and pairs[0].chosen == "5."
+        and stats["source"] == "hub:Anthropic/hh-rlhf/harmless-base[test]"
+    )
 
 
 def test_data_files_and_a_split_slice_reach_load_dataset(hub):
@@ -74,15 +89,20 @@ def test_ultrafeedback_prefs_split_with_the_prompt_inside_the_message_lists(hub)
     assert calls[0][1] == {"split": "train_prefs"}
     assert stats["format"] == "conversational"
     assert pairs[0].prompt == [{"role": "user", "content": "What is 2+3?"}]
-    assert pairs[0].chosen == [{"role": "assistant", "content": "5."}] and pairs[0].rejected == [{"role": "assistant", "content": "6."}]
+    assert pairs[0].chosen == [{"role": "assistant", "content": "5."}] and pairs[0].rejected == [
+        {"role": "assistant", "content": "6."}
+    ]
     assert pairs[0].meta["score_chosen"] == 9.0
 
 
-@pytest.mark.parametrize("source", [
-    {"format": "sharegpt"},  # named format
-    {},  # detected from the 'conversations' column
-    {"format": "messages", "columns": {"messages": "conversations"}},  # mapped; from/value turns read as roles
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"format": "sharegpt"},  # named format
+        {},  # detected from the 'conversations' column
+        {"format": "messages", "columns": {"messages": "conversations"}},  # mapped; from/value turns read as roles
+    ],
+)
 def test_sharegpt_conversations_need_no_code(tmp_path, source):
     import json
 
@@ -90,11 +110,17 @@ def test_sharegpt_conversations_need_no_code(tmp_path, source):
     path.write_text(json.dumps(SHAREGPT_ROW) + "\n")
     examples, fmt = load_sft_examples(DataSource(path=str(path), **source), "chat")
     assert fmt in ("sharegpt", "messages")
-    assert examples[0].prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
+    assert examples[0].prompt == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+    ]
     assert examples[0].completion == [{"role": "assistant", "content": "5."}]
 
 
 def test_data_dir_without_a_hub_dataset_is_refused():
-    raw = {"name": "x", "stages": {"sft": {"kind": "sft", "data": {"train": {"path": "a.jsonl", "data_dir": "helpful-base"}}}}}
+    raw = {
+        "name": "x",
+        "stages": {"sft": {"kind": "sft", "data": {"train": {"path": "a.jsonl", "data_dir": "helpful-base"}}}},
+    }
     with pytest.raises(RecipeError, match="data_dir.*need 'hub'"):
         recipe_from_dict(raw)

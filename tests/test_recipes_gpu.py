@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
 from families import tiny_rows, user_text, write_jsonl
+
+from conftest import REPO, run_cli
 
 # recipe -> (replica, which local file stands in for each Hub source)
 RECIPES = {
@@ -18,8 +19,16 @@ RECIPES = {
     "llama3.1-8b-qlora.yaml": "builtin:replica-llama3",
     "qwen2.5-0.5b-instruct-chat.yaml": "builtin:replica-qwen2.5-instruct",
 }
-CPU = {"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 1, "precision": "fp32", "optim": "adamw_torch",
-       "eval_steps": None, "save_steps": 100, "logging_steps": 1}
+CPU = {
+    "max_steps": 2,
+    "batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "precision": "fp32",
+    "optim": "adamw_torch",
+    "eval_steps": None,
+    "save_steps": 100,
+    "logging_steps": 1,
+}
 
 
 def hub_stand_ins(out: Path) -> dict[str, Path]:
@@ -27,25 +36,59 @@ def hub_stand_ins(out: Path) -> dict[str, Path]:
     rows = tiny_rows(16)
     good = [f"The answer is {r['answer']}." for r in rows]
     bad = [f"The answer is {r['answer']}. Anyway, whatever." for r in rows]
-    chat = [[{"role": "user", "content": user_text(r)}, {"role": "assistant", "content": g}] for r, g in zip(rows, good)]
+    chat = [
+        [{"role": "user", "content": user_text(r)}, {"role": "assistant", "content": g}] for r, g in zip(rows, good)
+    ]
     return {
-        "tatsu-lab/alpaca": write_jsonl(out / "alpaca.jsonl", [
-            {"instruction": r["instruction"], "input": r["input"], "output": g, "text": "..."} for r, g in zip(rows, good)]),
-        "Anthropic/hh-rlhf": write_jsonl(out / "hh.jsonl", [
-            {"chosen": f"\n\nHuman: {user_text(r)}\n\nAssistant: {g}", "rejected": f"\n\nHuman: {user_text(r)}\n\nAssistant: {b}"}
-            for r, g, b in zip(rows, good, bad)]),
-        "HuggingFaceH4/ultrachat_200k": write_jsonl(out / "ultrachat.jsonl", [
-            {"prompt": user_text(r), "prompt_id": str(i), "messages": c} for i, (r, c) in enumerate(zip(rows, chat))]),
-        "HuggingFaceH4/ultrafeedback_binarized": write_jsonl(out / "ultrafeedback.jsonl", [
-            {"prompt": user_text(r), "prompt_id": str(i), "chosen": c, "rejected": [c[0], {"role": "assistant", "content": b}],
-             "messages": c, "score_chosen": 8.0, "score_rejected": 4.0} for i, (r, c, b) in enumerate(zip(rows, chat, bad))]),
+        "tatsu-lab/alpaca": write_jsonl(
+            out / "alpaca.jsonl",
+            [
+                {"instruction": r["instruction"], "input": r["input"], "output": g, "text": "..."}
+                for r, g in zip(rows, good)
+            ],
+        ),
+        "Anthropic/hh-rlhf": write_jsonl(
+            out / "hh.jsonl",
+            [
+                {
+                    "chosen": f"\n\nHuman: {user_text(r)}\n\nAssistant: {g}",
+                    "rejected": f"\n\nHuman: {user_text(r)}\n\nAssistant: {b}",
+                }
+                for r, g, b in zip(rows, good, bad)
+            ],
+        ),
+        "HuggingFaceH4/ultrachat_200k": write_jsonl(
+            out / "ultrachat.jsonl",
+            [{"prompt": user_text(r), "prompt_id": str(i), "messages": c} for i, (r, c) in enumerate(zip(rows, chat))],
+        ),
+        "HuggingFaceH4/ultrafeedback_binarized": write_jsonl(
+            out / "ultrafeedback.jsonl",
+            [
+                {
+                    "prompt": user_text(r),
+                    "prompt_id": str(i),
+                    "chosen": c,
+                    "rejected": [c[0], {"role": "assistant", "content": b}],
+                    "messages": c,
+                    "score_chosen": 8.0,
+                    "score_rejected": 4.0,
+                }
+                for i, (r, c, b) in enumerate(zip(rows, chat, bad))
+            ],
+        ),
     }
 
 
 def overrides(recipe: dict, replica: str, files: dict[str, Path]) -> list[str]:
     """--set items: replica model, local files for Hub sources (keeping format / columns), CPU-sized settings."""
-    out = [f"model.name_or_path={replica}", "model.dtype=float32", "model.gradient_checkpointing=false",
-           "model.attn_implementation=null", "tracking.report_to=none", "launch=null"]
+    out = [
+        f"model.name_or_path={replica}",
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        "model.attn_implementation=null",
+        "tracking.report_to=none",
+        "launch=null",
+    ]
     if recipe["model"].get("quantization", "none") != "none":
         out.append("model.quant.compute_dtype=float32")
     for name, stage in recipe["stages"].items():

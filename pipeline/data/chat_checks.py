@@ -9,7 +9,7 @@ No torch here: the stage passes ``render(messages, add_generation_prompt) -> str
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from pipeline.data.sources import MAX_REPORTED
 from pipeline.errors import DataError
@@ -42,11 +42,12 @@ def rendering_problem(prompt: list, completion: list, render: Render) -> str | N
     hint = (
         "the template drops or moves the system message once the reply follows (Mistral writes it into the last "
         "message only); merge the system message into the first user message"
-        if system else "the template renders the prompt differently once the reply follows"
+        if system
+        else "the template renders the prompt differently once the reply follows"
     )
     return (
         f"the prompt renders differently alone (inference) than followed by its reply (training), from character {k}: "
-        f"alone {alone[max(0, k - 20):k + 30]!r} vs with the reply {together[max(0, k - 20):k + 30]!r}; {hint}"
+        f"alone {alone[max(0, k - 20) : k + 30]!r} vs with the reply {together[max(0, k - 20) : k + 30]!r}; {hint}"
     )
 
 
@@ -64,5 +65,6 @@ def check_chat_examples(examples: Sequence, render: Render, source: str) -> None
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise DataError(
             f"{len(problems)} conversation(s) in {source} do not work with the model's chat template:\n  "
-            + "\n  ".join(problems[:MAX_REPORTED]) + more
+            + "\n  ".join(problems[:MAX_REPORTED])
+            + more
         )

@@ -72,7 +72,7 @@ def _probe_end_of_turn(tokenizer) -> tuple[int, ...]:
         text = tokenizer.apply_chat_template(conversation, tokenize=False)
     except Exception:  # a template that refuses even this probe: no end-of-turn token to add
         return ()
-    after = text[text.rfind(PROBE_REPLY) + len(PROBE_REPLY):]
+    after = text[text.rfind(PROBE_REPLY) + len(PROBE_REPLY) :]
     specials = _special_ids(tokenizer)
     for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
         if token_id in specials:
