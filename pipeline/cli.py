@@ -91,6 +91,7 @@ def _dispatch(args) -> int:
         missing = missing_data_files(recipe)
         if missing:
             raise PipelineError(f"{args.recipe}: data files not found (relative paths are relative to the recipe file):\n  " + "\n  ".join(missing))
+        _check_model(recipe, args.recipe)
         print(recipe.resolved_yaml(), end="")
         print(f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr)
         return 0
@@ -130,6 +131,7 @@ def _dispatch(args) -> int:
     missing = missing_data_files(recipe, stages)
     if missing:  # before anything heavy runs, not when the stage that needs the file starts
         raise PipelineError(f"{recipe_path}: data files not found (relative paths are relative to the recipe file):\n  " + "\n  ".join(missing))
+    _check_model(recipe, recipe_path)
     launch = runner.Launch(config=args.launch or recipe.launch, recipe_path=str(recipe_path), overrides=args.overrides)
     try:
         runner.run_pipeline(recipe, run_dir, stages, launch=launch)
@@ -142,3 +144,12 @@ def _dispatch(args) -> int:
             print("\n" + report.results_table(final, stages))
             print(f"\nreport: {report_path}\nrun directory: {run_dir}")
     return 0
+
+
+def _check_model(recipe, recipe_path) -> None:
+    """The model's tokenizer files and chat template, read without torch (pipeline.preflight)."""
+    from pipeline.preflight import model_problems
+
+    problems = model_problems(recipe)
+    if problems:
+        raise PipelineError(f"{recipe_path}: " + "\n  ".join(problems))

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from pipeline.errors import DataError
+
 
 @dataclass
 class Sample:
@@ -26,25 +28,30 @@ class Sample:
 
 def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
     """Token ids exactly as SFT saw the prompts: chat messages through the chat template, text as is."""
+    from pipeline.modeling.chat import chat_ids
+
     out = []
     for prompt in prompts:
         if isinstance(prompt, list):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            try:
+                ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+            except Exception as exc:
+                from pipeline.data.chat_checks import FIX_STRICT, is_template_error
+
+                if not is_template_error(exc):
+                    raise
+                raise DataError(f"prompt {len(out) + 1} {str(prompt)[:120]}: the model's chat template refuses it ({exc}); {FIX_STRICT}") from None
         else:
             ids = tokenizer(prompt)["input_ids"]  # what TRL's SFT tokenization does for text prompts
         out.append(list(ids))
     return out
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
-    return sorted(i for i in ids if i is not None)
+def stop_ids(model, tokenizer, chat: bool = False) -> list[int]:
+    """See ``pipeline.modeling.chat.stop_ids``: eos, generation_config's list, the template's end of turn."""
+    from pipeline.modeling.chat import stop_ids as family_stop_ids
+
+    return family_stop_ids(model, tokenizer, chat)
 
 
 def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
@@ -140,7 +147,8 @@ def sample_responses(
     encoded = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    eos_ids, pad_id = stop_ids(model, tokenizer), tokenizer.pad_token_id
+    chat = any(isinstance(p, list) for p in prompts)
+    eos_ids, pad_id = stop_ids(model, tokenizer, chat=chat), tokenizer.pad_token_id
     samples: list[Sample] = []
     started, generated = time.perf_counter(), 0
     for start in range(0, len(order), batch_size):

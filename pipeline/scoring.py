@@ -55,15 +55,18 @@ class CheckerScorer:
 class RewardModelScorer:
     """Batched, length-sorted scoring with a sequence-classifier reward model."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 64, max_length: int | None = None, progress: bool = False):
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 64, max_length: int | None = None, progress: bool = False,
+                 padding_side: str = "right"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.batch_size, self.max_length, self.progress = batch_size, max_length, progress
+        self.padding_side = padding_side
 
     def encode(self, prompt: Any, response: str) -> list[int]:
         tok = self.tokenizer
-        if isinstance(prompt, list):  # conversational: the chat template over prompt + reply
-            ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if isinstance(prompt, list):  # conversational: the chat template over prompt + reply, as RewardTrainer
+            from pipeline.modeling.chat import chat_ids
+
+            ids = chat_ids(tok, prompt + [{"role": "assistant", "content": response}])
         else:  # RewardTrainer: prompt + response + EOS, tokenized as one text
             text = prompt + response
             ids = tok(text if text.endswith(tok.eos_token) else text + tok.eos_token)["input_ids"]
@@ -87,17 +90,29 @@ class RewardModelScorer:
         with torch.no_grad():
             for start in batches:
                 chunk = order[start:start + self.batch_size]
-                width = max(len(encoded[i]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, i in enumerate(chunk):  # right padding: the classifier reads the last real token
-                    ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[row, : len(encoded[i])] = 1
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                ids, mask, positions = pad_batch([encoded[i] for i in chunk], pad, self.padding_side)
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits
                 for i, value in zip(chunk, logits[:, 0].float().tolist()):
                     scores[i] = value
         self.model.train(was_training)
         return scores
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right"):
+    """(ids, attention mask, position ids) of a padded batch. Positions count real tokens only, so a
+    left-padded sequence gets the positions it has alone (the model would otherwise number the padding);
+    the classifier reads the last non-pad token, wherever the padding is."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
 
 
 def build_scorer(cfg, ctx) -> Scorer:

@@ -303,8 +303,9 @@ BAD_FILES = {
     "empty_messages": ([GOOD_CONV, {"chosen": [], "rejected": [user("p"), bot("b")]}], "'chosen' is an empty message list"),
     "bad_role": ([GOOD_CONV, {"chosen": [{"role": "human", "content": "p"}, bot("a")], "rejected": [user("p"), bot("b")]}],
                  "chosen[0].role is 'human'; expected one of system, user, assistant"),
+    # ShareGPT {from, value} turns are read as roles: this chosen is a lone human turn
     "sharegpt_messages": ([GOOD_CONV, {"chosen": [{"from": "human", "value": "p"}], "rejected": [user("p"), bot("b")]}],
-                          "chosen[0] must be an object with 'role' and 'content' (from/value messages"),
+                          "the last message of 'chosen' must be the assistant's (role is 'user')"),
     "last_not_assistant": ([GOOD_CONV, {"chosen": [user("p"), bot("a"), user("more")], "rejected": [user("p"), bot("b")]}],
                            "the last message of 'chosen' must be the assistant's"),
     "chosen_string_in_conversational": ([GOOD_CONV, {"chosen": "a", "rejected": [user("p"), bot("b")]}],

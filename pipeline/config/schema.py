@@ -118,7 +118,7 @@ class TrackingConfig(Strict):
 # Data
 # --------------------------------------------------------------------------------------------
 
-SFT_FORMATS = ("auto", "alpaca", "messages", "prompt_completion")
+SFT_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion")
 
 
 class DataSource(Strict):
@@ -128,10 +128,13 @@ class DataSource(Strict):
     hub: str | None = Field(None, description="Hugging Face dataset id (needs network access).")
     from_stage: str | None = Field(None, description="An earlier stage's output, e.g. the best-of-n stage's 'best'.")
     output: str | None = Field(None, description="Which output of from_stage: best (default) or pairs.")
-    subset: str | None = None
-    split: str = "train"
+    subset: str | None = Field(None, description="Hub dataset configuration name (load_dataset's 'name').")
+    data_dir: str | None = Field(None, description="Hub datasets: a folder of the dataset repo, e.g. helpful-base of Anthropic/hh-rlhf.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Hub datasets: files (globs) of the dataset repo to read; a mapping names their splits.")
+    split: str = Field("train", description="Any split name (train_prefs, test_sft) or slice (train[:1000]).")
     format: Literal[
-        "auto", "alpaca", "messages", "prompt_completion", "prompts",  # instruction data and prompts
+        "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "prompts",  # instruction data and prompts
         "explicit", "conversational", "implicit", "ranked",  # preference data
     ] = "auto"
     # canonical name -> column name in the file, e.g. {instruction: question, output: answer}
@@ -142,6 +145,8 @@ class DataSource(Strict):
     def _exactly_one_origin(self) -> "DataSource":
         if sum(x is not None for x in (self.path, self.hub, self.from_stage)) != 1:
             raise ValueError("give exactly one of 'path' (a local file), 'hub' (a dataset id) or 'from_stage' (an earlier stage)")
+        if (self.data_dir is not None or self.data_files is not None) and self.hub is None:
+            raise ValueError("'data_dir' and 'data_files' select files of a Hub dataset; they need 'hub'")
         if self.output is not None and self.from_stage is None:
             raise ValueError("'output' only applies with 'from_stage'")
         if self.output is not None and self.output not in ("best", "pairs"):
@@ -155,7 +160,10 @@ class DataSource(Strict):
     def describe(self) -> str:
         if self.from_stage is not None:
             return f"stage:{self.from_stage}/{self.output or 'best'}"
-        return self.path if self.path is not None else f"hub:{self.hub}[{self.split}]"
+        if self.path is not None:
+            return self.path
+        where = "/".join(x for x in (self.subset, self.data_dir) if x)
+        return f"hub:{self.hub}" + (f"/{where}" if where else "") + f"[{self.split}]"
 
 
 class SFTDataConfig(Strict):

@@ -264,8 +264,11 @@ def _messages(value: Any, key: str) -> list[dict[str, str]]:
         raise RowProblem(f"{key!r} must be a list of {{role, content}} messages, got {type(value).__name__} ({_short(value)})", "wrong_type")
     if not value:
         raise RowProblem(f"{key!r} is an empty message list", "empty")
+    from pipeline.data.sft import _sharegpt_message
+
     clean = []
     for j, msg in enumerate(value):
+        msg = _sharegpt_message(msg)  # {"from": "human", "value": ...} turns are read as {"role": "user", ...}
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             hint = " (from/value messages: rename them to role/content)" if isinstance(msg, dict) and "from" in msg else ""
             raise RowProblem(f"{key}[{j}] must be an object with 'role' and 'content'{hint}", "bad_message")
@@ -517,7 +520,7 @@ def _pair_problems(pair: PreferencePair, count_tokens, max_length) -> list[tuple
     if empty:
         found.append(("empty_side", f"{' and '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty"))
     if count_tokens is not None:
-        n = int(count_tokens(pair.prompt))
+        n = count_pair_tokens(count_tokens, pair, pair.prompt)
         if n >= max_length:
             found.append(("prompt_too_long", f"the prompt alone is {n} tokens (max_length={max_length})"))
     return found
@@ -526,11 +529,11 @@ def _pair_problems(pair: PreferencePair, count_tokens, max_length) -> list[tuple
 def _length_report(kept: list[PreferencePair], count_tokens) -> dict[str, Any]:
     """Length statistics of each side, the length-bias fractions, duplicates, contradictions, warnings."""
 
-    def length(side: Any) -> int:
-        return int(count_tokens(side)) if count_tokens is not None else len(_content(side))
+    def length(pair: PreferencePair, side: Any) -> int:
+        return count_pair_tokens(count_tokens, pair, side, response=True) if count_tokens is not None else len(_content(side))
 
-    chosen_len = [length(p.chosen) for p in kept]
-    rejected_len = [length(p.rejected) for p in kept]
+    chosen_len = [length(p, p.chosen) for p in kept]
+    rejected_len = [length(p, p.rejected) for p in kept]
     n_kept = len(kept)
     longer = sum(c > r for c, r in zip(chosen_len, rejected_len))
     shorter = sum(c < r for c, r in zip(chosen_len, rejected_len))
@@ -559,6 +562,24 @@ def _length_report(kept: list[PreferencePair], count_tokens) -> dict[str, Any]:
         "contradictions": contradictions,
         "warnings": warnings,
     }
+
+
+def count_pair_tokens(count_tokens: Callable, pair: PreferencePair, value: Any, response: bool = False) -> int:
+    """Tokens of a pair's prompt or one response. A conversational response is counted after its prompt
+    (``count_tokens(side, prompt=...)``): strict chat templates (Gemma, Mistral) refuse to render an
+    assistant message alone. A template that refuses the conversation is a DataError naming the row."""
+    try:
+        if response and isinstance(value, list) and isinstance(pair.prompt, list):
+            return int(count_tokens(value, prompt=pair.prompt))
+        return int(count_tokens(value))
+    except Exception as exc:
+        if type(exc).__name__ != "TemplateError":  # jinja2's, raised by the tokenizer's chat template
+            raise
+        raise DataError(
+            f"{pair.where}: the model's chat template refuses this conversation ({exc}). Strict templates (Gemma, "
+            "Mistral) take no system turn and need user/assistant turns alternating, starting with the user: merge a "
+            "system message into the first user message and drop repeated roles"
+        ) from None
 
 
 def _key(prompt: Any, chosen: Any, rejected: Any) -> str:

@@ -1,4 +1,4 @@
-"""Instruction data for SFT: Alpaca, messages and prompt/completion rows -> validated prompt/completion examples.
+"""Instruction data for SFT: Alpaca, messages, ShareGPT and prompt/completion rows -> validated prompt/completion examples.
 
 Validation runs before any model loads and names the file and row of every problem. The length policy
 needs a token counter, which the stage passes in, so this module stays torch-free.
@@ -18,9 +18,13 @@ from pipeline.errors import DataError
 REQUIRED = {
     "alpaca": ("instruction", "output"),
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
 }
 ROLES = ("system", "user", "assistant")
+# ShareGPT-style messages ({"from": "human", "value": ...}): their speaker names -> chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "system": "system"}
 
 
 @dataclass
@@ -41,7 +45,7 @@ def detect_format(rows: Rows, declared: str) -> str:
     if declared != "auto":
         require_columns(rows, declared, REQUIRED[declared])
         return declared
-    for fmt in ("messages", "alpaca", "prompt_completion"):
+    for fmt in ("messages", "sharegpt", "alpaca", "prompt_completion"):
         if all(c in columns for c in REQUIRED[fmt]):
             return fmt
     wanted = "; ".join(f"{fmt}: {', '.join(cols)}" for fmt, cols in REQUIRED.items())
@@ -56,12 +60,13 @@ def load_sft_examples(source, template: str) -> tuple[list[Example], str]:
     """Read and validate one source. Returns the examples and the detected format."""
     rows = read_source(source)
     fmt = detect_format(rows, source.format)
-    if fmt == "messages" and template != "chat":
+    if fmt in ("messages", "sharegpt") and template != "chat":
         raise DataError(
             f"{rows.source}: conversational 'messages' data needs the tokenizer's chat template; "
             "set 'template: chat' in the stage's data settings"
         )
-    convert = {"alpaca": _from_alpaca, "messages": _from_messages, "prompt_completion": _from_prompt_completion}[fmt]
+    convert = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt,
+               "prompt_completion": _from_prompt_completion}[fmt]
     examples, problems = [], []
     for i, row in enumerate(rows.rows):
         try:
@@ -112,8 +117,9 @@ def _from_messages(row: dict, template: str, where: str) -> Example:
         raise RowProblem("'messages' must be a non-empty list of {role, content} objects")
     clean = []
     for j, msg in enumerate(messages):
+        msg = _sharegpt_message(msg)
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise RowProblem(f"messages[{j}] must be an object with 'role' and 'content'")
+            raise RowProblem(f"messages[{j}] must be an object with 'role' and 'content' (or ShareGPT's 'from' and 'value')")
         if msg["role"] not in ROLES:
             raise RowProblem(f"messages[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(msg["content"], str) or not msg["content"].strip():
@@ -124,6 +130,18 @@ def _from_messages(row: dict, template: str, where: str) -> Example:
     if not any(m["role"] == "user" for m in clean[:-1]):
         raise RowProblem("needs at least one user message before the assistant's")
     return Example(clean[:-1], clean[-1:], where, extra_columns(row, ("messages",)))
+
+
+def _sharegpt_message(msg):
+    """{"from": "human", "value": ...} -> {"role": "user", "content": ...}; anything else as it is."""
+    if isinstance(msg, dict) and "role" not in msg and "from" in msg and "value" in msg:
+        return {"role": SHAREGPT_ROLES.get(str(msg["from"]).lower(), msg["from"]), "content": msg["value"]}
+    return msg
+
+
+def _from_sharegpt(row: dict, template: str, where: str) -> Example:
+    """ShareGPT rows: ``conversations`` holding {from, value} turns (human / gpt / system)."""
+    return _from_messages({**extra_columns(row, ("conversations",)), "messages": row.get("conversations")}, template, where)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,13 +144,14 @@ def _read_parquet(path: Path) -> Rows:
 def _read_hub(src) -> Rows:
     import datasets
 
-    name = f"hub:{src.hub}" + (f"/{src.subset}" if src.subset else "") + f"[{src.split}]"
+    name = src.describe()
+    files = {"data_dir": src.data_dir, "data_files": src.data_files}
     try:
-        ds = datasets.load_dataset(src.hub, src.subset, split=src.split)
+        ds = datasets.load_dataset(src.hub, src.subset, split=src.split, **{k: v for k, v in files.items() if v is not None})
     except Exception as exc:
         raise DataError(
             f"{name}: could not load the Hub dataset: {type(exc).__name__}: {exc}. "
-            "Check the id, subset and split, and that the Hugging Face Hub is reachable (or download the data and use 'path:')."
+            "Check the id, subset, data_dir / data_files and split, and that the Hugging Face Hub is reachable (or download the data and use 'path:')."
         ) from None
     rows = ds.to_list()
     return _non_empty(Rows(name, rows, [f"row {i}" for i in range(1, len(rows) + 1)]))

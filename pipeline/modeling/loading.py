@@ -94,11 +94,17 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str 
     return tok
 
 
-def token_length(tokenizer, text_or_messages) -> int:
-    """Tokens of a prompt or response as the trainers tokenize it (chat messages through the template)."""
+def token_length(tokenizer, text_or_messages, prompt=None) -> int:
+    """Tokens of a prompt or response as the trainers tokenize it (chat messages through the template).
+
+    A message-list response is measured after its ``prompt`` (rendered together, minus the prompt with
+    the generation prompt): strict templates refuse to render an assistant message alone."""
+    from pipeline.modeling.chat import chat_ids, response_token_length
+
     if isinstance(text_or_messages, list):
-        ids = tokenizer.apply_chat_template(text_or_messages, tokenize=True)
-        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if isinstance(prompt, list) and text_or_messages and text_or_messages[0].get("role") == "assistant":
+            return response_token_length(tokenizer, prompt, text_or_messages)
+        return len(chat_ids(tokenizer, text_or_messages))
     return len(tokenizer(text_or_messages)["input_ids"])
 
 
@@ -163,8 +169,10 @@ def load_base(cfg: ModelConfig, head: str = "causal_lm", path: str | None = None
             model = auto.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise PipelineError(f"cannot load model {source!r}: {exc}") from None
-    if head == "reward" and model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
+    if head == "reward":
+        # The classifier reads the last token that is not pad_token_id, so it must be the id the tokenizer pads
+        # with. Not config.eos_token_id: that is a list for Llama-3.1 ([128001, 128008, 128009]).
+        model.config.pad_token_id = load_tokenizer(cfg, path=path).pad_token_id
     fix_cpu_4bit(model)
     return model
 

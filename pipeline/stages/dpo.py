@@ -10,6 +10,7 @@ it (``ref_logp_batches_computed`` is 0 then).
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -154,7 +155,7 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
         ctx.resolve_source(data.train, "pairs"),
         ctx.resolve_source(data.eval, "pairs"),
         data,
-        count_tokens=lambda text: modeling.token_length(tokenizer, text),
+        count_tokens=partial(modeling.token_length, tokenizer),
         seed=ctx.seed,
     )
     summary["max_length"] = data.max_length

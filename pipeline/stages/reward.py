@@ -7,6 +7,7 @@ Then a held-out evaluation (pairwise accuracy, margin, length bias) and the qual
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -57,7 +58,7 @@ def build_trainer(ctx: StageContext[RewardStage]):
     tokenizer = modeling.load_tokenizer(recipe.model, path=init.path if init else None)
     train, held, summary = prepare_pairs(
         ctx.resolve_source(cfg.data.train, "pairs"), ctx.resolve_source(cfg.data.eval, "pairs"), cfg.data,
-        count_tokens=lambda x: modeling.token_length(tokenizer, x), seed=ctx.seed,
+        count_tokens=partial(modeling.token_length, tokenizer), seed=ctx.seed,
     )
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)

@@ -76,6 +76,8 @@ def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     else:
         train, evals = holdout_split(train, data.eval_fraction, ctx.seed)
 
+    if data.template == "chat":
+        check_conversations(tokenizer, recipe_model_name(ctx), [(train, train_source.describe()), (evals, "eval data")])
     count = token_counter(tokenizer, data.template)
     train, train_report = apply_length_policy(train, count, data.max_length, data.overlength, train_source.describe())
     summary: dict[str, Any] = {"format": fmt, "template": data.template, "max_length": data.max_length,
@@ -88,6 +90,26 @@ def prepare_data(ctx: StageContext[SFTStage], tokenizer):
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(format_summary(summary))
     return to_dataset([ex.as_record() for ex in train]), to_dataset([ex.as_record() for ex in evals]), summary
+
+
+def recipe_model_name(ctx) -> str:
+    init = ctx.model_of(ctx.cfg.init_from)
+    return init.path if init else ctx.recipe.model.name_or_path
+
+
+def check_conversations(tokenizer, model_name: str, parts) -> None:
+    """The tokenizer has a chat template, and every conversation renders with it and keeps its prompt when
+    the reply follows (see pipeline.data.chat_checks)."""
+    from pipeline.data.chat_checks import check_chat_examples
+    from pipeline.modeling.chat import require_chat_template
+
+    require_chat_template(tokenizer, model_name)
+
+    def render(messages, add_generation_prompt):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    for examples, source in parts:
+        check_chat_examples(examples, render, source)
 
 
 def token_counter(tokenizer, template: str):

@@ -1,0 +1,70 @@
+"""Checks of conversational examples against the model's chat template, before any training.
+
+Strict templates break silently or loudly in ways the data can fix: Gemma refuses a system turn and
+non-alternating roles (a jinja TemplateError deep inside a trainer), and Mistral v0.3 writes the system
+message into the *last* user turn only when that turn is the last message -- so it is there when the
+prompt is rendered alone (inference) and gone when the prompt is rendered with its reply (training).
+No torch here: the stage passes ``render(messages, add_generation_prompt) -> str``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from pipeline.data.sources import MAX_REPORTED
+from pipeline.errors import DataError
+
+Render = Callable[[list, bool], str]
+
+FIX_STRICT = (
+    "strict templates (Gemma, Mistral) take no system turn and need user/assistant turns alternating from the "
+    "user: merge a system message into the first user message and drop repeated roles"
+)
+
+
+def is_template_error(exc: BaseException) -> bool:
+    return type(exc).__name__ == "TemplateError"  # jinja2's, raised by a chat template's raise_exception
+
+
+def rendering_problem(prompt: list, completion: list, render: Render) -> str | None:
+    """Why this prompt/completion cannot be trained on as it is rendered at inference; None when fine."""
+    try:
+        alone = render(prompt, True)
+        together = render(prompt + completion, False)
+    except Exception as exc:
+        if not is_template_error(exc):
+            raise
+        return f"the model's chat template refuses this conversation ({exc}); {FIX_STRICT}"
+    if together.startswith(alone):
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(alone, together)) if a != b), min(len(alone), len(together)))
+    system = any(m.get("role") == "system" for m in prompt)
+    hint = (
+        "the template drops or moves the system message once the reply follows (Mistral writes it into the last "
+        "message only); merge the system message into the first user message"
+        if system
+        else "the template renders the prompt differently once the reply follows"
+    )
+    return (
+        f"the prompt renders differently alone (inference) than followed by its reply (training), from character {k}: "
+        f"alone {alone[max(0, k - 20) : k + 30]!r} vs with the reply {together[max(0, k - 20) : k + 30]!r}; {hint}"
+    )
+
+
+def check_chat_examples(examples: Sequence, render: Render, source: str) -> None:
+    """Every conversational example (``.prompt``, ``.completion`` message lists, ``.where``) must render with
+    the template and keep its prompt when the reply follows; one DataError lists the rows that do not."""
+    problems = []
+    for ex in examples:
+        if not isinstance(ex.prompt, list):
+            continue
+        problem = rendering_problem(ex.prompt, ex.completion, render)
+        if problem:
+            problems.append(f"{ex.where}: {problem}")
+    if problems:
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+        raise DataError(
+            f"{len(problems)} conversation(s) in {source} do not work with the model's chat template:\n  "
+            + "\n  ".join(problems[:MAX_REPORTED])
+            + more
+        )

@@ -1,0 +1,96 @@
+"""Chat templates and stop tokens, the way every stage must use them.
+
+Real tokenizers differ exactly here: some chat templates write BOS while the tokenizer adds one too
+(Llama-3, Mistral, Gemma), a turn may end with a token that is not ``eos_token`` (Qwen's ``<|im_end|>``,
+Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``), ``generation_config`` may list several stop ids, and strict
+templates (Gemma, Mistral) refuse a system turn or a conversation that does not alternate. One module
+renders, counts and stops, so the sampler, the scorer and the data checks all agree with the trainers.
+"""
+
+from __future__ import annotations
+
+from pipeline.errors import PipelineError
+
+PROBE_REPLY = "PROBEREPLY"  # a reply whose rendering shows what the template writes after an assistant turn
+
+
+def require_chat_template(tokenizer, model_name: str) -> None:
+    """A clear error when a chat template is needed but the tokenizer has none (base checkpoints often do not)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PipelineError(
+            f"the tokenizer of {model_name!r} has no chat template, but this stage renders conversations with one "
+            "(template: chat, or message-list data). Use 'template: alpaca' with text data, pick a checkpoint that "
+            "ships a chat template (an -Instruct / -it model), or add chat_template.jinja to the model directory"
+        )
+
+
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation exactly as TRL's trainers tokenize it: the template's own special tokens,
+    none added by the tokenizer (``apply_chat_template`` tokenizes with add_special_tokens=False), so a
+    template that writes BOS gets one BOS, not two."""
+    require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "?"))
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def response_token_length(tokenizer, prompt: list[dict], response: list[dict]) -> int:
+    """Tokens a response adds to its conversation: render(prompt + response) - render(prompt, generation prompt).
+
+    Never renders the response alone: strict templates (Gemma, Mistral) refuse a conversation that starts
+    with an assistant turn, and what a trainer sees is always the response after its prompt."""
+    full = chat_ids(tokenizer, prompt + response)
+    return len(full) - len(chat_ids(tokenizer, prompt, add_generation_prompt=True))
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the chat template writes right after an assistant reply (e.g. ``<|im_end|>``), found
+    by rendering a probe conversation; [] without a chat template or when the template writes none."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    return list(_end_of_turn(tokenizer, tokenizer.chat_template))
+
+
+def _end_of_turn(tokenizer, template: str) -> tuple[int, ...]:
+    # probed once per tokenizer object and template (the sampler asks once per batch)
+    cache = tokenizer.__dict__.setdefault("_pipeline_end_of_turn", {})
+    if template not in cache:
+        cache[template] = _probe_end_of_turn(tokenizer)
+    return cache[template]
+
+
+def _probe_end_of_turn(tokenizer) -> tuple[int, ...]:
+    conversation = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": PROBE_REPLY}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that refuses even this probe: no end-of-turn token to add
+        return ()
+    after = text[text.rfind(PROBE_REPLY) + len(PROBE_REPLY) :]
+    specials = _special_ids(tokenizer)
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in specials:
+            return (token_id,)
+    return ()
+
+
+def stop_ids(model, tokenizer, chat: bool) -> list[int]:
+    """Every id that ends a response: the tokenizer's eos, ``generation_config.eos_token_id`` (an int or a
+    list), and for chat prompts the template's end-of-turn token. Qwen2.5 *base* says eos is
+    ``<|endoftext|>`` but its template ends turns with ``<|im_end|>``: without the union, sampling runs on into
+    the next turn and the role text leaks into the response."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if chat:
+        ids.update(end_of_turn_ids(tokenizer))
+    return sorted(i for i in ids if i is not None)

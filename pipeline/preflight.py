@@ -1,0 +1,86 @@
+"""Checks of the recipe's model that need no torch: its files, and a chat template where stages render chats.
+
+``python -m pipeline validate`` (and ``run``, before anything heavy) reads the tokenizer files of local
+directories and of Hub ids already in the Hugging Face cache. A Hub id that is not cached is not checked
+here (that would download it); the stage checks the loaded tokenizer when it starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.config.schema import Recipe
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def chat_stages(recipe: Recipe) -> list[str]:
+    """Stages that render conversations with the chat template (template: chat)."""
+    names = []
+    for name, stage in recipe.stages.items():
+        data = getattr(stage, "data", None)
+        if getattr(stage, "template", None) == "chat" or getattr(data, "template", None) == "chat":
+            names.append(name)
+    return names
+
+
+def model_problems(recipe: Recipe) -> list[str]:
+    """What is wrong with the recipe's model that the user can fix before anything loads."""
+    name = recipe.model.name_or_path
+    if name.startswith("builtin:"):
+        return []  # the tiny model and every replica ship a tokenizer with a chat template
+    local = Path(name)
+    if local.is_absolute() or name.startswith("."):
+        if not local.is_dir():
+            return [f"model.name_or_path: model directory not found: {name}"]
+        files = {f: local / f for f in (*TOKENIZER_FILES, "chat_template.jinja") if (local / f).is_file()}
+    else:
+        files = _cached_hub_files(name, recipe.model.revision)
+        if files is None:
+            return []  # not in the local cache: checked by the stage once the tokenizer is loaded
+    if not any(f in files for f in TOKENIZER_FILES):
+        return [
+            f"model.name_or_path: {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer beside the weights (tokenizer.save_pretrained(dir))"
+        ]
+    stages = chat_stages(recipe)
+    if stages and not _has_chat_template(files):
+        return [
+            f"stages.{stages[0]}: template: chat, but the tokenizer of {name} has no chat template"
+            f"{' (also used by: ' + ', '.join(stages[1:]) + ')' if stages[1:] else ''}. Use 'template: alpaca' "
+            "with instruction data, pick a checkpoint that ships a chat template (an -Instruct / -it model), or add "
+            "chat_template.jinja to the model directory"
+        ]
+    return []
+
+
+def _has_chat_template(files: dict[str, Path]) -> bool:
+    if "chat_template.jinja" in files:
+        return True
+    config = files.get("tokenizer_config.json")
+    if config is None:
+        return True  # nothing to read it from: leave it to the stage
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return True
+
+
+def _cached_hub_files(repo_id: str, revision: str | None) -> dict[str, Path] | None:
+    """The tokenizer files of a Hub model in the local cache; None when its tokenizer_config.json is not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found: dict[str, Path] = {}
+    for filename in (*TOKENIZER_FILES, "chat_template.jinja"):
+        try:
+            path = try_to_load_from_cache(repo_id, filename, revision=revision)
+        except Exception:  # an id that is not a valid repo name: the loader reports it
+            return None
+        if isinstance(path, str):
+            found[filename] = Path(path)
+    if "tokenizer_config.json" not in found:
+        return None
+    return found
