@@ -55,11 +55,11 @@ BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 
 # name -> (recipe, config dir, extra --set overrides)
 CASES = {
-    "qwen0.5b-full": ("recipes/gpu/qwen2.5-0.5b-full-sft.yaml", "Qwen2.5-0.5B", []),
-    "qwen0.5b-qlora": ("recipes/gpu/qwen2.5-0.5b-full-sft.yaml", "Qwen2.5-0.5B",
+    "qwen0.5b-full": ("recipes/gpu/qwen2.5-0.5b-full.yaml", "Qwen2.5-0.5B", []),
+    "qwen0.5b-qlora": ("recipes/gpu/qwen2.5-0.5b-full.yaml", "Qwen2.5-0.5B",
                        ["model.quantization=4bit", "model.quant.compute_dtype=bfloat16", "lora.r=16",
                         "lora.target_modules=all-linear", "stages.sft.train.optim=paged_adamw_8bit"]),
-    "llama8b-qlora": ("recipes/gpu/llama3-8b-qlora-sft.yaml", "Llama-3.1-8B", []),
+    "llama8b-qlora": ("recipes/gpu/llama3.1-8b-qlora.yaml", "Llama-3.1-8B", []),
 }
 STAGES = ("sft", "reward", "dpo", "bon")
 

@@ -134,7 +134,7 @@ def test_pairs_are_grouped_by_their_longer_side(policy_copy, tmp_path, kind):
     raw["stages"]["pairs"] = {"kind": kind, **link, "data": {"train": {"path": _pairs_file(tmp_path)}, "template": "alpaca",
                               "eval_fraction": 0.0}, "train": {"batch_size": 4, "max_steps": 2, "batching": "grouped"}}
     path = tmp_path / "pairs.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     ctx = runner.make_context(load_recipe(path), "pairs", run_dir)
     ctx.config_hash = "test"
     trainer = (reward if kind == "reward" else dpo).build_trainer(ctx)[0]

@@ -15,7 +15,7 @@ from pipeline.config import load_recipe
 REPO = Path(__file__).resolve().parent.parent
 LLAMA8B = REPO / "bench" / "configs" / "Llama-3.1-8B"
 QWEN05B = REPO / "bench" / "configs" / "Qwen2.5-0.5B"
-QLORA = REPO / "recipes" / "gpu" / "llama3-8b-qlora-sft.yaml"
+QLORA = REPO / "recipes" / "gpu" / "llama3.1-8b-qlora.yaml"
 GIB = plan.GIB
 
 
@@ -99,11 +99,11 @@ def test_llama8b_qlora_r16_checkpointing_fits_24gib():
 
 def test_suggestions_are_replans_with_the_change_applied():
     overrides = [f"model.name_or_path={QWEN05B}", "model.gradient_checkpointing=false"]
-    p = _plan(REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full-sft.yaml", overrides, gpu="8GiB")
+    p = _plan(REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full.yaml", overrides, gpu="8GiB")
     assert p.fits is False
     for sug in p.suggestions:
         if sug["set"]:
-            again = _plan(REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full-sft.yaml", overrides + sug["set"], gpu="8GiB")
+            again = _plan(REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full.yaml", overrides + sug["set"], gpu="8GiB")
             assert again.peak_bytes == sug["peak_bytes"] and again.fits == sug["fits"]
     checkpointing = next(s for s in p.suggestions if s["change"] == "activation checkpointing")
     assert checkpointing["peak_bytes"] < p.peak_bytes
@@ -111,7 +111,7 @@ def test_suggestions_are_replans_with_the_change_applied():
 
 def test_more_tokens_more_activations_and_checkpointing_saves():
     base = [f"model.name_or_path={QWEN05B}", "model.gradient_checkpointing=false"]
-    qwen = REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full-sft.yaml"
+    qwen = REPO / "recipes" / "gpu" / "qwen2.5-0.5b-full.yaml"
     short = _plan(qwen, base + ["stages.sft.data.max_length=512"]).peak_bytes
     long = _plan(qwen, base + ["stages.sft.data.max_length=2048"]).peak_bytes
     ckpt = _plan(qwen, base + ["stages.sft.data.max_length=2048", "model.gradient_checkpointing=true"]).peak_bytes
@@ -153,7 +153,8 @@ def test_gpu_memory_parsing(text, gib):
 
 
 def test_every_recipe_plans_with_a_verdict(capsys):
-    local = {"llama3-8b-qlora-sft.yaml": LLAMA8B, "qwen2.5-0.5b-full-sft.yaml": QWEN05B}
+    # no Hub here: each real recipe plans with its architecture's config.json (Instruct has the base's shape)
+    local = {"llama3.1-8b-qlora.yaml": LLAMA8B, "qwen2.5-0.5b-full.yaml": QWEN05B, "qwen2.5-0.5b-instruct-chat.yaml": QWEN05B}
     for path in sorted((REPO / "recipes").rglob("*.yaml")):
         args = ["plan", str(path), "--gpu-memory", "24GiB"]
         if path.name in local:
