@@ -166,10 +166,23 @@ def saved_base(recipe, device: str) -> str:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="4GB")
+    _save_family_tokenizer(cfg.model_type, tmp)
     del model
     free(device)
     tmp.rename(out)
     return str(out)
+
+
+def _save_family_tokenizer(model_type: str, out: Path) -> None:
+    """A downloaded checkpoint has its tokenizer beside it (the loader reads its pad id for reward heads):
+    save the tokenizer of the replica of the same family (ids fit: replica vocabularies are smaller)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.modeling import resolve_name
+
+    family = {"llama": "builtin:replica-llama3", "qwen2": "builtin:replica-qwen2.5"}.get(model_type)
+    if family is not None:
+        AutoTokenizer.from_pretrained(resolve_name(family)).save_pretrained(out)
 
 
 def free(device: str) -> None:

@@ -37,12 +37,12 @@ from pipeline import runner  # noqa: E402
 from pipeline.config import load_recipe  # noqa: E402
 
 
-def datasets_available(work: Path, rows: int) -> dict[str, tuple[Path, Path]]:
+def datasets_available(work: Path, rows: int, alpaca: Path) -> dict[str, tuple[Path, Path]]:
     """name -> (sft rows file, preference pairs file)."""
     demo = [json.loads(line) for line in (TINY / "sft_train.jsonl").read_text().splitlines()[:rows]]
     found = {"demo": demo}
-    if SHARED.is_file():
-        found["alpaca"] = json.loads(SHARED.read_text())[:rows]
+    if alpaca.is_file():
+        found["alpaca"] = json.loads(alpaca.read_text())[:rows]
     out = {}
     for name, items in found.items():
         sft_path, pairs_path = work / f"{name}_sft.jsonl", work / f"{name}_pairs.jsonl"
@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument("--stages", default="sft,reward,dpo")
     p.add_argument("--device-model", help="config dir: a random-init bf16 model of that shape (GPU runs)")
     p.add_argument("--attn", default=None, help="attn_implementation (default: the library's)")
+    p.add_argument("--alpaca", type=Path, default=SHARED, help="the Alpaca seed tasks JSON (default: ../shared/data)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     os.environ.setdefault("PIPELINE_CACHE", str(Path(tempfile.gettempdir()) / "pipeline-bench-cache"))
@@ -125,14 +126,14 @@ def main() -> None:
     if args.attn:
         model["attn_implementation"] = args.attn
     results: dict[str, dict] = {}
-    for data_name, (sft_path, pairs_path) in datasets_available(work, args.rows).items():
+    for data_name, (sft_path, pairs_path) in datasets_available(work, args.rows, args.alpaca).items():
         for mode in args.modes.split(","):
             stages = args.stages.split(",") if mode != "packed" else ["sft"]  # pairs are grouped, never packed
             results[f"{data_name}/{mode}"] = run_case(recipe(model, sft_path, pairs_path, mode, args), work, stages)
     print_table(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-    base = "alpaca" if SHARED.is_file() else "demo"
+    base = "alpaca" if args.alpaca.is_file() else "demo"
     padded = results[f"{base}/padded"]["sft"]["train_tokens_per_s"]
     best = max(results[f"{base}/{m}"]["sft"]["train_tokens_per_s"] for m in args.modes.split(",") if f"{base}/{m}" in results)
     print(f"speedup_sft: {best / padded:.2f}")

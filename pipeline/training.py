@@ -41,16 +41,16 @@ def to_dataset(records: list[dict[str, Any]]):
     return datasets.Dataset.from_list(records) if records else None
 
 
-def batching_mode(requested: str, packable: bool, attn_implementation: str | None) -> str:
+def batching_mode(requested: str, packable: bool, cuda: bool) -> str:
     """The recipe's ``train.batching`` resolved: padded, grouped or packed."""
     if requested == "packed" and not packable:
         raise RecipeError("train.batching: packed is for SFT stages; reward and DPO pairs can be 'grouped' or 'padded'")
     if requested != "auto":
         return requested
-    # Packing pays where attention runs varlen kernels (flash attention on a GPU); elsewhere its block-diagonal
-    # mask costs more than the padding it saves (measured ~7x slower per token on CPU SDPA).
-    flash = attn_implementation in ("flash_attention_2", "flash_attention_3")
-    return "packed" if packable and flash and modeling.has_cuda() else "grouped"
+    # Measured: on an H100 (Qwen2.5-0.5B shape, SDPA, Alpaca seed data) packed SFT ran 2.35x the real tokens/s
+    # of padded batches and grouped 1.78x; on 2 CPU cores packing ran at 0.6-0.7x (the block-diagonal mask of
+    # packed rows costs more there than the padding it saves), grouped at 1.1-1.3x.
+    return "packed" if packable and cuda else "grouped"
 
 
 def _batching_args(mode: str) -> dict[str, Any]:
@@ -99,7 +99,7 @@ def trl_args(config_cls, ctx, precision: str | None = None, packable: bool = Fal
     )
     if ctx.recipe.model.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
-    kwargs.update(_batching_args(batching_mode(train.batching, packable, ctx.recipe.model.attn_implementation)))
+    kwargs.update(_batching_args(batching_mode(train.batching, packable, modeling.has_cuda())))
     kwargs.update(stage_specific)
     kwargs.update(_checked_extra(config_cls, train.trainer_extra, ctx.name))
     return config_cls(**kwargs)

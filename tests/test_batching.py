@@ -101,10 +101,12 @@ def test_packed_batch_gives_the_padded_loss_and_no_attention_crosses_rows(make_r
 def test_packing_is_for_sft_only(make_recipe, tmp_path):
     from pipeline.training import batching_mode
 
-    assert batching_mode("auto", packable=True, attn_implementation="sdpa") == "grouped"  # CPU here
-    assert batching_mode("packed", packable=True, attn_implementation=None) == "packed"
+    assert batching_mode("auto", packable=True, cuda=False) == "grouped"
+    assert batching_mode("auto", packable=True, cuda=True) == "packed"
+    assert batching_mode("auto", packable=False, cuda=True) == "grouped"
+    assert batching_mode("padded", packable=True, cuda=True) == "padded"
     with pytest.raises(RecipeError, match="packed is for SFT stages"):
-        batching_mode("packed", packable=False, attn_implementation="flash_attention_2")
+        batching_mode("packed", packable=False, cuda=True)
 
 
 def _pairs_file(tmp_path) -> str:

@@ -218,8 +218,9 @@ class TrainConfig(Strict):
         "auto",
         description="How rows form batches. padded: random batches, padded to their longest row. grouped: rows of "
         "similar length batched together (sorted within large random buckets; every row once per epoch). packed: "
-        "SFT rows packed into max_length sequences with no padding (padding-free attention; fast with flash "
-        "attention on a GPU, slower on CPU). auto: packed for SFT with flash attention on a GPU, else grouped.",
+        "SFT rows packed into max_length sequences with no padding (position_ids keep attention within each row; "
+        "batch_size then counts max_length blocks). auto: packed for SFT on a GPU, grouped otherwise (packing is "
+        "slower on CPU).",
     )
     # Escape hatch: extra fields of the TRL config class, checked against it at run time.
     trainer_extra: dict[str, Any] = {}
