@@ -6,6 +6,7 @@ output is written. No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,18 @@ from pipeline.config.schema import Recipe, iter_sources
 from pipeline.fileio import write_json_atomic
 
 MANIFEST = "manifest.json"
-TRACKED_PACKAGES = ("pipeline-alignment", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed", "wandb")
+TRACKED_PACKAGES = (
+    "pipeline-alignment",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "deepspeed",
+    "wandb",
+)
 
 
 def now() -> str:
@@ -101,10 +113,8 @@ def stage_hash(recipe: Recipe, name: str, upstream_hashes: dict[str, str]) -> st
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in TRACKED_PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 
@@ -116,5 +126,10 @@ def git_commit() -> str | None:
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+    )
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

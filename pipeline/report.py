@@ -32,7 +32,15 @@ def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
             error = " ".join(str(entry.get("error", "")).split())  # one line: it sits in a table row
             shown = [f"error: {error[:400]}" + ("..." if len(error) > 400 else "")]
         duration = entry.get("duration_s")
-        rows.append([name, entry.get("kind", "-"), entry.get("status", "not run"), f"{duration:.1f}" if duration is not None else "-", ", ".join(shown)])
+        rows.append(
+            [
+                name,
+                entry.get("kind", "-"),
+                entry.get("status", "not run"),
+                f"{duration:.1f}" if duration is not None else "-",
+                ", ".join(shown),
+            ]
+        )
     return rows
 
 
@@ -47,7 +55,10 @@ def policy_rows(eval_metrics: dict[str, Any], first_samples: bool = True) -> lis
         rows.append([name] + [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys])
         first = m.get("first_sample")
         if first_samples and isinstance(first, dict):
-            rows.append([f"  {name} (first sample)"] + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys])
+            rows.append(
+                [f"  {name} (first sample)"]
+                + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys]
+            )
     return rows
 
 
@@ -77,7 +88,12 @@ def results_table(manifest: dict[str, Any], names: list[str]) -> str:
     text = text_table(stage_rows(manifest, names))
     evaluation = eval_metrics_of(manifest)
     if evaluation:
-        text += "\n\nheld-out evaluation (" + str(evaluation.get("prompts")) + " prompts):\n" + text_table(policy_rows(evaluation))
+        text += (
+            "\n\nheld-out evaluation ("
+            + str(evaluation.get("prompts"))
+            + " prompts):\n"
+            + text_table(policy_rows(evaluation))
+        )
     return text
 
 
@@ -91,13 +107,24 @@ def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> P
     for name in names:
         wandb = manifest["stages"].get(name, {}).get("tracker", {}).get("wandb")
         if wandb:
-            links.append(f"- {name}: " + (f"[{wandb['id']}]({wandb['url']})" if wandb.get("url") else f"offline run `{wandb['dir']}` (`{wandb.get('sync', 'wandb sync')}`)"))
+            links.append(
+                f"- {name}: "
+                + (
+                    f"[{wandb['id']}]({wandb['url']})"
+                    if wandb.get("url")
+                    else f"offline run `{wandb['dir']}` (`{wandb.get('sync', 'wandb sync')}`)"
+                )
+            )
     if links:
         parts += ["## Tracking", ""] + links + [""]
     evaluation = eval_metrics_of(manifest)
     if evaluation:
-        parts += [f"## Held-out evaluation ({evaluation.get('prompts')} prompts, reference `{evaluation.get('reference')}`)", "",
-                  markdown_table(policy_rows(evaluation)), ""]
+        parts += [
+            f"## Held-out evaluation ({evaluation.get('prompts')} prompts, reference `{evaluation.get('reference')}`)",
+            "",
+            markdown_table(policy_rows(evaluation)),
+            "",
+        ]
     figures = _figures(run_dir, manifest, names)
     if figures:
         parts += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in figures] + [""]
@@ -113,7 +140,10 @@ def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[
     for name in names:
         entry = manifest["stages"].get(name, {})
         outputs = entry.get("outputs", {})
-        for key, title in (("reward_distribution", "Reward per policy"), ("reward_histogram", f"{name}: chosen vs rejected rewards")):
+        for key, title in (
+            ("reward_distribution", "Reward per policy"),
+            ("reward_histogram", f"{name}: chosen vs rejected rewards"),
+        ):
             src = outputs.get(key)
             if src and Path(src).is_file():
                 dst = run_dir / f"{name}_{Path(src).name}"
@@ -129,6 +159,12 @@ def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[
                     if points:
                         series[key] = ([p[0] for p in points], [p[1] for p in points])
                 if series:
-                    dst = plots.lines(run_dir / f"{name}_margins.png", series, f"{name}: reward margins over training", "step", "margin")
+                    dst = plots.lines(
+                        run_dir / f"{name}_margins.png",
+                        series,
+                        f"{name}: reward margins over training",
+                        "step",
+                        "margin",
+                    )
                     figures.append((f"{name}: DPO margins", dst))
     return figures

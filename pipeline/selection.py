@@ -16,7 +16,7 @@ imported by stages and tests that must not pay for torch.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 # Row keys that sft_row/pair_row place themselves. "output" is the source
 # row's reference answer: the selected response replaces it, and carrying
@@ -65,7 +65,7 @@ def group_candidates(candidates: Iterable[dict]) -> dict[str, list[dict]]:
 
 
 def degenerate_reason(candidate: dict) -> str | None:
-    """"empty" (blank response), "truncated" (hit the length limit) or None."""
+    """ "empty" (blank response), "truncated" (hit the length limit) or None."""
     response = candidate.get("response")
     if not isinstance(response, str) or not response.strip():
         return "empty"
@@ -148,18 +148,14 @@ def select_top_k_candidates(
     return selected, stats
 
 
-def select_best_candidates(
-    candidates: Iterable[dict], min_score: float | None = None
-) -> tuple[list[dict], dict]:
+def select_best_candidates(candidates: Iterable[dict], min_score: float | None = None) -> tuple[list[dict], dict]:
     """The best valid candidate per prompt (ties -> lowest sample_idx)."""
     selected, stats = select_top_k_candidates(candidates, 1, min_score)
     del stats["k"]
     return selected, stats
 
 
-def select_pair_candidates(
-    candidates: Iterable[dict], min_margin: float = 0.0
-) -> tuple[list[tuple[dict, dict]], dict]:
+def select_pair_candidates(candidates: Iterable[dict], min_margin: float = 0.0) -> tuple[list[tuple[dict, dict]], dict]:
     """One (chosen, rejected) per prompt: best vs worst valid candidate.
 
     Every prompt lands in exactly one of: selected, too_few_valid (< 2 valid,
@@ -228,9 +224,7 @@ def pair_row(chosen: dict, rejected: dict) -> dict:
     """A preference row; Alpaca sources also keep instruction, input and the
     row's metadata (e.g. answer, task) so later stages can re-render/check."""
     if chosen["prompt_id"] != rejected["prompt_id"]:
-        raise ValueError(
-            f"pair mixes prompts: {chosen['prompt_id']!r} vs {rejected['prompt_id']!r}"
-        )
+        raise ValueError(f"pair mixes prompts: {chosen['prompt_id']!r} vs {rejected['prompt_id']!r}")
     cs, rs = _score(chosen), _score(rejected)
     out = {
         "prompt_id": chosen["prompt_id"],
@@ -255,9 +249,7 @@ def select_best(candidates: Iterable[dict], min_score: float | None = None) -> t
     return [sft_row(c) for c in selected], stats
 
 
-def select_top_k(
-    candidates: Iterable[dict], k: int, min_score: float | None = None
-) -> tuple[list[dict], dict]:
+def select_top_k(candidates: Iterable[dict], k: int, min_score: float | None = None) -> tuple[list[dict], dict]:
     """select_top_k_candidates mapped through sft_row."""
     selected, stats = select_top_k_candidates(candidates, k, min_score)
     return [sft_row(c) for c in selected], stats
@@ -287,9 +279,7 @@ def checker_rates(
     best_by_pid: dict[str, dict] = {}
     for c in selected_best:
         if "response" not in c or "row" not in c:
-            raise ValueError(
-                "selected_best must be candidates (select_best_candidates), not sft rows"
-            )
+            raise ValueError("selected_best must be candidates (select_best_candidates), not sft rows")
         pid = c["prompt_id"]
         if pid not in groups:
             raise ValueError(f"selected best prompt_id={pid!r} is not among the candidates")
