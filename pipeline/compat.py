@@ -82,8 +82,8 @@ _GROUPED: dict[type, type] = {}
 
 
 def length_grouped(trainer_cls: type) -> type:
-    """``trainer_cls`` whose ``train_sampling_strategy="group_by_length"`` sampler measures rows with
-    ``sequence_length``.
+    """``trainer_cls`` whose ``train_sampling_strategy="group_by_length"`` sampler is ``LengthGroupedBatches``
+    over ``sequence_length``.
 
     The Trainer's own group_by_length reads a ``length`` column (which it drops with the other columns the model
     does not take before it builds the sampler) or ``input_ids`` (which TRL's preference datasets do not have), so
@@ -91,17 +91,15 @@ def length_grouped(trainer_cls: type) -> type:
     calls with the dataset it is about to batch.
     """
     if trainer_cls not in _GROUPED:
-        from transformers.trainer_pt_utils import LengthGroupedSampler
+        from pipeline.batching import LengthGroupedBatches
 
         class Grouped(trainer_cls):
             def _get_train_sampler(self, train_dataset=None):
                 if self.args.train_sampling_strategy != "group_by_length":
                     return super()._get_train_sampler(train_dataset)
                 dataset = train_dataset if train_dataset is not None else self.train_dataset
-                lengths = [sequence_length(row) for row in dataset]
-                return LengthGroupedSampler(
-                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
-                )
+                # micro-batches are padded one by one: group at the size of one (per device)
+                return LengthGroupedBatches([sequence_length(row) for row in dataset], self.args.train_batch_size)
 
         Grouped.__name__ = Grouped.__qualname__ = f"Grouped{trainer_cls.__name__}"
         _GROUPED[trainer_cls] = Grouped

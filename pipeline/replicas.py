@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,36 @@ _QWEN_ARCH = dict(
     hidden_act="silu",
 )  # 0.5B: hidden 896, 14 heads / 2 kv heads (head_dim 64), intermediate 4864, tied, qkv bias (fixed in Qwen2)
 
+_QWEN_BASE = Family(
+    name="qwen2.5",
+    copies="Qwen/Qwen2.5-0.5B",
+    model_class="Qwen2ForCausalLM",
+    config_class="Qwen2Config",
+    tokenizer_kind="qwen2",
+    specials_front=(),
+    specials_back=_QWEN_SPECIALS,
+    bos=None,
+    eos="<|endoftext|>",
+    pad="<|endoftext|>",
+    unk=None,
+    add_bos=False,
+    end_of_turn="<|im_end|>",
+    chat_template=templates.QWEN2_5,
+    generation_eos=("<|endoftext|>",),
+    generation_extra=dict(do_sample=False, max_new_tokens=2048),
+    arch=_QWEN_ARCH,
+    model_vocab_multiple=128,
+    tokenizer_extra=dict(model_max_length=131072, errors="replace"),
+    conventions=(
+        "pad == eos == <|endoftext|> (base model): masking pad positions also masks the real EOS",
+        "no BOS token at all",
+        "chat turns end with <|im_end|>, which is not eos_token; a default system prompt is injected",
+        "model vocab (multiple of 128) > len(tokenizer): rows that no token id reaches",
+        "GQA 7:1, tied embeddings, q/k/v biases",
+    ),
+)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -179,54 +209,15 @@ FAMILIES: dict[str, Family] = {
                 "GQA 4:1, untied embeddings, llama3 rope scaling",
             ),
         ),
-        Family(
-            name="qwen2.5",
-            copies="Qwen/Qwen2.5-0.5B",
-            model_class="Qwen2ForCausalLM",
-            config_class="Qwen2Config",
-            tokenizer_kind="qwen2",
-            specials_front=(),
-            specials_back=_QWEN_SPECIALS,
-            bos=None,
-            eos="<|endoftext|>",
-            pad="<|endoftext|>",
-            unk=None,
-            add_bos=False,
-            end_of_turn="<|im_end|>",
-            chat_template=templates.QWEN2_5,
-            generation_eos=("<|endoftext|>",),
-            generation_extra=dict(do_sample=False, max_new_tokens=2048),
-            arch=_QWEN_ARCH,
-            model_vocab_multiple=128,
-            tokenizer_extra=dict(model_max_length=131072, errors="replace"),
-            conventions=(
-                "pad == eos == <|endoftext|> (base model): masking pad positions also masks the real EOS",
-                "no BOS token at all",
-                "chat turns end with <|im_end|>, which is not eos_token; a default system prompt is injected",
-                "model vocab (multiple of 128) > len(tokenizer): rows that no token id reaches",
-                "GQA 7:1, tied embeddings, q/k/v biases",
-            ),
-        ),
-        Family(
+        _QWEN_BASE,
+        # the Instruct release: same weights' shape and tokenizer, but eos is the end-of-turn token
+        replace(
+            _QWEN_BASE,
             name="qwen2.5-instruct",
             copies="Qwen/Qwen2.5-0.5B-Instruct",
-            model_class="Qwen2ForCausalLM",
-            config_class="Qwen2Config",
-            tokenizer_kind="qwen2",
-            specials_front=(),
-            specials_back=_QWEN_SPECIALS,
-            bos=None,
             eos="<|im_end|>",
-            pad="<|endoftext|>",
-            unk=None,
-            add_bos=False,
-            end_of_turn="<|im_end|>",
-            chat_template=templates.QWEN2_5,
             generation_eos=("<|im_end|>", "<|endoftext|>"),
             generation_extra=dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1),
-            arch=_QWEN_ARCH,
-            model_vocab_multiple=128,
-            tokenizer_extra=dict(model_max_length=131072, errors="replace"),
             conventions=(
                 "eos_token is <|im_end|> (end of turn), pad is <|endoftext|>; generation stops on both",
                 "no BOS token at all; model vocab > len(tokenizer); tied embeddings",

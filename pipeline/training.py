@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from pipeline import compat, modeling
+from pipeline import batching, compat, modeling
 from pipeline.errors import RecipeError
 from pipeline.fileio import write_json_atomic
 
@@ -39,26 +39,6 @@ def to_dataset(records: list[dict[str, Any]]):
     import datasets
 
     return datasets.Dataset.from_list(records) if records else None
-
-
-def batching_mode(requested: str, packable: bool, cuda: bool) -> str:
-    """The recipe's ``train.batching`` resolved: padded, grouped or packed."""
-    if requested == "packed" and not packable:
-        raise RecipeError("train.batching: packed is for SFT stages; reward and DPO pairs can be 'grouped' or 'padded'")
-    if requested != "auto":
-        return requested
-    # Measured: on an H100 (Qwen2.5-0.5B shape, SDPA, Alpaca seed data) packed SFT ran 2.35x the real tokens/s
-    # of padded batches and grouped 1.78x; on 2 CPU cores packing ran at 0.6-0.7x (the block-diagonal mask of
-    # packed rows costs more there than the padding it saves), grouped at 1.1-1.3x.
-    return "packed" if packable and cuda else "grouped"
-
-
-def _batching_args(mode: str) -> dict[str, Any]:
-    if mode == "grouped":
-        return {"train_sampling_strategy": "group_by_length"}
-    if mode == "packed":
-        return {"packing": True, "packing_strategy": "bfd"}  # bfd packing is padding-free (position_ids)
-    return {}
 
 
 def trl_args(config_cls, ctx, precision: str | None = None, packable: bool = False, **stage_specific: Any):
@@ -99,7 +79,7 @@ def trl_args(config_cls, ctx, precision: str | None = None, packable: bool = Fal
     )
     if ctx.recipe.model.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
-    kwargs.update(_batching_args(batching_mode(train.batching, packable, modeling.has_cuda())))
+    kwargs.update(batching.trainer_args(batching.resolve(train.batching, packable, modeling.has_cuda())))
     kwargs.update(stage_specific)
     kwargs.update(_checked_extra(config_cls, train.trainer_extra, ctx.name))
     return config_cls(**kwargs)
@@ -137,7 +117,7 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     compat.set_eval_on_start(trainer, eval_on_start)
     if eval_on_start:
         trainer.add_callback(KeepInitialEval(initial_eval, ctx.is_main))
-    counter = TokenCounter(trainer.model)
+    counter = batching.TokenCounter(trainer.model)
     if last:
         log.info("resuming %s from %s", ctx.name, last)
         metrics["resumed_from"] = Path(last).name
@@ -160,7 +140,7 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
         train_loss=result.training_loss,
         steps=result.global_step,
         train_runtime_s=round(runtime, 2),
-        batching=batching_of(trainer.args),
+        batching=batching.mode_of(trainer.args),
         **counter.metrics(runtime),
     )
     if trainer.eval_dataset is not None:
@@ -173,44 +153,6 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     metrics.update(modeling.trainable_summary(trainer.model))
     ctx.outputs["model"] = modeling.saved_ref(trainer.model, model_dir, base or ctx.recipe.model.name_or_path).as_dict()
     return metrics
-
-
-def batching_of(args) -> str:
-    if getattr(args, "packing", False) or getattr(args, "padding_free", False):
-        return "packed"
-    return "grouped" if args.train_sampling_strategy == "group_by_length" else "padded"
-
-
-class TokenCounter:
-    """Counts real tokens and token positions in every training forward of ``model`` (train mode, gradients
-    on: not evaluation, not reference log-probs), from the batches actually fed to it."""
-
-    def __init__(self, model):
-        self.real = self.positions = 0
-        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module, args, kwargs) -> None:
-        if not (module.training and torch.is_grad_enabled()):
-            return
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            return
-        mask = kwargs.get("attention_mask")
-        self.positions += ids.numel()
-        # padding-free batches (position_ids, no mask) hold real tokens only
-        self.real += int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
-
-    def close(self) -> None:
-        self.handle.remove()
-
-    def metrics(self, runtime_s: float) -> dict[str, Any]:
-        if not self.positions:
-            return {}
-        return {
-            "nonpad_token_share": round(self.real / self.positions, 4),
-            "train_tokens": self.real,
-            "train_tokens_per_s": round(self.real / runtime_s, 1) if runtime_s else None,
-        }
 
 
 def _finished_state(checkpoint: str):

@@ -103,7 +103,7 @@ def test_packed_batch_gives_the_padded_loss_and_no_attention_crosses_rows(make_r
 
 
 def test_packing_is_for_sft_only(make_recipe, tmp_path):
-    from pipeline.training import batching_mode
+    from pipeline.batching import resolve as batching_mode
 
     assert batching_mode("auto", packable=True, cuda=False) == "grouped"
     assert batching_mode("auto", packable=True, cuda=True) == "packed"
@@ -175,3 +175,19 @@ def test_sequence_length_of_sft_rows_and_pairs():
     assert compat.sequence_length({"input_ids": [1, 2, 3]}) == 3
     assert compat.sequence_length({"prompt_ids": [1, 2], "chosen_ids": [3, 4, 5], "rejected_ids": [6]}) == 5
     assert compat.sequence_length({"chosen_ids": [3, 4], "rejected_ids": [6, 7, 8, 9]}) == 4  # reward rows
+
+
+def test_grouped_batches_are_homogeneous_and_in_random_order():
+    from pipeline.batching import LengthGroupedBatches
+
+    torch.manual_seed(0)
+    lengths = [int(x) for x in torch.randint(10, 200, (1000,))]
+    order = list(LengthGroupedBatches(lengths, batch_size=8, bucket_batches=25))
+    assert sorted(order) == list(range(1000))  # every row once
+    batches = [order[i : i + 8] for i in range(0, 1000, 8)]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 15  # random batches of 8 spread ~150 tokens
+    # batches do not run from longest to shortest within a bucket: their order is shuffled
+    maxima = [max(lengths[i] for i in b) for b in batches[:25]]
+    assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
+    assert list(LengthGroupedBatches(lengths, batch_size=8)) != order  # a new order each epoch (RNG advanced)
