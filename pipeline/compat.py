@@ -87,8 +87,9 @@ def length_grouped(trainer_cls: type) -> type:
 
     The Trainer's own group_by_length reads a ``length`` column (which it drops with the other columns the model
     does not take before it builds the sampler) or ``input_ids`` (which TRL's preference datasets do not have), so
-    pairs could not be grouped. This overrides ``Trainer._get_train_sampler(train_dataset)``, which the Trainer
-    calls with the dataset it is about to batch.
+    pairs could not be grouped, and it groups evaluation batches the same way (failing on pairs). This overrides
+    ``Trainer._get_train_sampler(train_dataset)`` and ``Trainer._get_eval_sampler(eval_dataset)``, which the
+    Trainer calls with the dataset it is about to batch.
     """
     if trainer_cls not in _GROUPED:
         from pipeline.batching import LengthGroupedBatches
@@ -100,6 +101,15 @@ def length_grouped(trainer_cls: type) -> type:
                 dataset = train_dataset if train_dataset is not None else self.train_dataset
                 # micro-batches are padded one by one: group at the size of one (per device)
                 return LengthGroupedBatches([sequence_length(row) for row in dataset], self.args.train_batch_size)
+
+            def _get_eval_sampler(self, eval_dataset):
+                # the Trainer groups eval batches too under group_by_length, but through input_ids only (which
+                # pairs lack); evaluation keeps the dataset's order, so eval losses do not depend on batching
+                if self.args.train_sampling_strategy != "group_by_length":
+                    return super()._get_eval_sampler(eval_dataset)
+                from torch.utils.data import SequentialSampler
+
+                return SequentialSampler(eval_dataset)
 
         Grouped.__name__ = Grouped.__qualname__ = f"Grouped{trainer_cls.__name__}"
         _GROUPED[trainer_cls] = Grouped

@@ -338,6 +338,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 
 def stage_setup(recipe: Recipe, name: str, prompt_tokens: int | None = None) -> Setup:
     stage, model = recipe.stage(name), recipe.model
+    if stage.kind not in ("sft", "reward", "dpo", "bon", "eval"):  # the kinds this memory model knows
+        raise PipelineError(f"stage {name!r}: plan has no memory model for stage kind {stage.kind!r}")
     wb = _DTYPE_BYTES[model.dtype]
     common = dict(
         weight_bytes=wb,

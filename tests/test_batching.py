@@ -149,7 +149,7 @@ def test_pairs_are_grouped_by_their_longer_side(policy_copy, tmp_path, kind):
     raw["stages"]["pairs"] = {
         "kind": kind,
         **link,
-        "data": {"train": {"path": _pairs_file(tmp_path)}, "template": "alpaca", "eval_fraction": 0.0},
+        "data": {"train": {"path": _pairs_file(tmp_path)}, "template": "alpaca", "eval_fraction": 0.2},
         "train": {"batch_size": 4, "max_steps": 2, "batching": "grouped"},
     }
     path = tmp_path / "pairs.yaml"
@@ -169,6 +169,7 @@ def test_pairs_are_grouped_by_their_longer_side(policy_copy, tmp_path, kind):
         for j in range(0, len(shuffled), 4)
     ) / len(batches)
     assert spread < random_spread
+    assert len(trainer.get_eval_dataloader()) > 0  # evaluation batches pairs too (in dataset order)
 
 
 def test_sequence_length_of_sft_rows_and_pairs():

@@ -101,3 +101,13 @@ def test_pins_cover_the_versions_these_tests_checked(package, low, high):
     )
     pyproject = (__import__("pathlib").Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert f'"{package}>={low},<{high}"' in pyproject
+
+
+def test_trainer_builds_its_samplers_through_the_methods_length_grouped_overrides():
+    """compat.length_grouped overrides these two; the Trainer must call them with the dataset it batches."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._get_train_sampler).parameters) == ["self", "train_dataset"]
+    assert list(inspect.signature(Trainer._get_eval_sampler).parameters) == ["self", "eval_dataset"]
+    source = inspect.getsource(Trainer.get_train_dataloader) + inspect.getsource(Trainer.get_eval_dataloader)
+    assert "sampler_fn=self._get_train_sampler" in source and "self._get_eval_sampler" in source
