@@ -118,6 +118,7 @@ POLICY_RECIPE = {
                 "logging_steps": 50,
                 "save_steps": 300,
                 "precision": "fp32",
+                "batching": "padded",  # the behaviour the later-stage tests were calibrated on
             },
         },
         "label": {
