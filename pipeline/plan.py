@@ -635,6 +635,23 @@ def _shard(terms: dict[str, int], n: int, what: str) -> dict[str, int]:
     return {f"{k} / {n} ({what})": v // n for k, v in terms.items()}
 
 
+def training_weight_terms(shape: ModelShape, s: Setup, dist: Distribution) -> dict[str, int]:
+    """The weights a training stage holds: the (quantized) model, LoRA, modules_to_save, DPO's reference."""
+    weights = weight_terms(shape, s, training=True)
+    if s.lora is not None:
+        weights["LoRA adapter (fp32)"] = sum(t.numel * t.bytes for t in lora_tensors(shape, s.lora))
+        saved = sum(t.numel * t.bytes for t in saved_module_tensors(shape, s.lora, s))
+        weights["trainable copies of modules_to_save"] = saved
+    elif dist.kind == "fsdp":  # trainable weights were upcast to fp32
+        weights = {"weights (fp32 master, upcast by FSDP)": shape.total * 4}
+    if s.reference == "copy":
+        weights["reference model (frozen full copy)"] = shape.total * s.weight_bytes
+    elif s.reference == "adapter":
+        adapter = sum(t.numel * t.bytes for t in lora_tensors(shape, s.lora))
+        weights["reference adapter (frozen copy of the SFT adapter)"] = adapter
+    return weights
+
+
 def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict, dict, str, list[str]]:
     """(terms at the peak, other terms, peak phase, notes) of one optimizer step of a training stage."""
     spec = optim_spec(s.optim)
@@ -643,24 +660,7 @@ def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict
     grads = sum(t.numel * t.bytes for t in tensors)
     n_train = sum(t.numel for t in tensors)
     notes: list[str] = []
-    weights = weight_terms(shape, s, training=True)
-    if s.lora is not None:
-        weights["LoRA adapter (fp32)"] = sum(t.numel * t.bytes for t in lora_tensors(shape, s.lora))
-        weights.update(
-            {
-                "trainable copies of modules_to_save": sum(
-                    t.numel * t.bytes for t in saved_module_tensors(shape, s.lora, s)
-                )
-            }
-        )
-    elif dist.kind == "fsdp":  # trainable weights were upcast to fp32
-        weights = {"weights (fp32 master, upcast by FSDP)": shape.total * 4}
-    if s.reference == "copy":
-        weights["reference model (frozen full copy)"] = shape.total * s.weight_bytes
-    elif s.reference == "adapter":
-        weights["reference adapter (frozen copy of the SFT adapter)"] = sum(
-            t.numel * t.bytes for t in lora_tensors(shape, s.lora)
-        )
+    weights = training_weight_terms(shape, s, dist)
     master = deepspeed and s.weight_bytes < 4  # DeepSpeed's optimizer steps an fp32 master copy
     fixed: dict[str, int] = {}
     states = optimizer_state_bytes(spec, tensors, master_fp32=master or dist.kind == "fsdp")

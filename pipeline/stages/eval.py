@@ -70,34 +70,16 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     reference = _load(ctx, cfg.reference)
 
     results: dict[str, dict[str, Any]] = {}
-    responses: dict[str, list[str]] = {}
     rewards: dict[str, list[float]] = {}
     rows = []
     names = [cfg.reference] + [n for n in cfg.policies if n != cfg.reference]
     for name in names:
         model = reference if name == cfg.reference else _load(ctx, name)
-        samples = generation.sample_responses(
-            model,
-            tokenizer,
-            [p.prompt for p in prompts],
-            n=1,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=0,
-            batch_size=cfg.batch_size,
-        )
-        texts = [generation.decode(tokenizer, s) for s in samples]
-        responses[name] = texts
-        metrics = _response_metrics(prompts, texts, [len(s.token_ids) for s in samples], checks)
-        if rm is not None:
-            rewards[name] = rm.score([{"prompt": p.prompt, "response": t} for p, t in zip(prompts, texts)])
-            metrics["reward_mean"] = round(statistics.fmean(rewards[name]), 4)
-        if cfg.kl_samples and name != cfg.reference:
-            metrics["kl_to_ref"] = _kl_estimate(model, reference, tokenizer, prompts, prompt_ids, cfg, seed=ctx.seed)
-        elif name == cfg.reference:
-            metrics["kl_to_ref"] = 0.0
-        results[name] = metrics
+        results[name], texts, scores = _greedy(ctx, model, reference, tokenizer, prompts, prompt_ids, checks, rm)
+        if scores is not None:
+            rewards[name] = scores
         rows.extend(
-            {"policy": name, "prompt_id": p.prompt_id, "response": t, **({"reward": rewards[name][i]} if rm else {})}
+            {"policy": name, "prompt_id": p.prompt_id, "response": t, **({"reward": scores[i]} if rm else {})}
             for i, (p, t) in enumerate(zip(prompts, texts))
         )
         if model is not reference:
@@ -105,7 +87,6 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
 
     if cfg.bon_from:
         results["bon"], bon_texts, bon_rewards = _best_of_n(ctx, prompts, checks, rm, loaded={cfg.reference: reference})
-        responses["bon"] = bon_texts
         if bon_rewards is not None:
             rewards["bon"] = bon_rewards
         rows.extend({"policy": "bon", "prompt_id": p.prompt_id, "response": t} for p, t in zip(prompts, bon_texts))
@@ -117,19 +98,46 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
             results[name][f"win_rate_vs_{cfg.reference}"] = round(statistics.fmean(wins), 4)
 
     report = {"prompts": prompt_stats["prompts"], "reference": cfg.reference, "policies": results}
+    _write_outputs(ctx, report, rows, rewards)
+    ctx.say(text_table(policy_rows(report, first_samples=False)))
+    return {"prompts": prompt_stats["prompts"], "policies": results}
+
+
+def _greedy(ctx: StageContext[EvalStage], model, reference, tokenizer, prompts, prompt_ids, checks, rm):
+    """(metrics, responses, reward-model scores or None) of one policy's greedy responses."""
+    from pipeline import generation
+
+    cfg = ctx.cfg
+    samples = generation.sample_responses(
+        model,
+        tokenizer,
+        [p.prompt for p in prompts],
+        n=1,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=0,
+        batch_size=cfg.batch_size,
+    )
+    texts = [generation.decode(tokenizer, s) for s in samples]
+    metrics = _response_metrics(prompts, texts, [len(s.token_ids) for s in samples], checks)
+    scores = None
+    if rm is not None:
+        scores = rm.score([{"prompt": p.prompt, "response": t} for p, t in zip(prompts, texts)])
+        metrics["reward_mean"] = round(statistics.fmean(scores), 4)
+    if model is reference:
+        metrics["kl_to_ref"] = 0.0
+    elif cfg.kl_samples:
+        metrics["kl_to_ref"] = _kl_estimate(model, reference, tokenizer, prompts, prompt_ids, cfg, seed=ctx.seed)
+    return metrics, texts, scores
+
+
+def _write_outputs(ctx: StageContext[EvalStage], report: dict, rows: list[dict], rewards: dict) -> None:
     write_json_atomic(ctx.stage_dir / "metrics.json", report)
     write_jsonl_atomic(ctx.stage_dir / "responses.jsonl", rows)
     ctx.outputs.update(metrics=str(ctx.stage_dir / "metrics.json"), responses=str(ctx.stage_dir / "responses.jsonl"))
     if rewards:
-        path = plots.histogram(
-            ctx.stage_dir / "reward_distribution.png",
-            rewards,
-            "reward-model score per policy (held-out prompts)",
-            "reward",
-        )
+        title = "reward-model score per policy (held-out prompts)"
+        path = plots.histogram(ctx.stage_dir / "reward_distribution.png", rewards, title, "reward")
         ctx.outputs["reward_distribution"] = str(path)
-    ctx.say(text_table(policy_rows(report, first_samples=False)))
-    return {"prompts": prompt_stats["prompts"], "policies": results}
 
 
 def _template_of(recipe, stage: str) -> str:
