@@ -117,6 +117,9 @@ def _dispatch(args) -> int:
     else:
         stages = _stages_to_run(args, recipe, recipe_path)
     from pipeline.lock import run_dir_lock
+    from pipeline.tracking import check_online
+
+    check_online(recipe)  # mode: online and W&B unreachable: fail now, not minutes into a stage
 
     # checked before the lock is taken: a mistyped command creates no run directory
     with run_dir_lock(run_dir, say=_note):
