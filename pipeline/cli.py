@@ -120,6 +120,11 @@ def _dispatch(args) -> int:
     from pipeline.tracking import check_online
 
     check_online(recipe)  # mode: online and W&B unreachable: fail now, not minutes into a stage
+    from pipeline.preflight import hub_model_problem
+
+    problem = hub_model_problem(recipe)  # a Hub model that cannot be fetched: now, not after minutes of retries
+    if problem:
+        raise PipelineError(f"{recipe_path}: {problem}")
 
     # checked before the lock is taken: a mistyped command creates no run directory
     with run_dir_lock(run_dir, say=_note):

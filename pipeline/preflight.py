@@ -8,6 +8,7 @@ here (that would download it); the stage checks the loaded tokenizer when it sta
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.config.schema import Recipe
@@ -84,3 +85,34 @@ def _cached_hub_files(repo_id: str, revision: str | None) -> dict[str, Path] | N
     if "tokenizer_config.json" not in found:
         return None
     return found
+
+
+HUB_URL = "https://huggingface.co"
+
+
+def offline_advice(name: str, what: str = "model") -> str:
+    if what == "model":
+        return (f"To run offline: set model.name_or_path to a local directory, or download it once where there is a "
+                f"network (huggingface-cli download {name}) and run with HF_HUB_OFFLINE=1 to use the cache")
+    return (f"To run offline: download the data and use 'path:' in the recipe, or load it once where there is a network "
+            "and run with HF_HUB_OFFLINE=1 to use the datasets cache")
+
+
+def hub_model_problem(recipe: Recipe) -> str | None:
+    """The recipe's model is a Hub id that is not in the local cache and the Hub cannot be reached: say so now,
+    not after a minute of download retries inside the first stage. A short TCP probe; nothing is downloaded."""
+    from pipeline.tracking import unreachable
+
+    name = recipe.model.name_or_path
+    if name.startswith("builtin:") or Path(name).exists() or name.startswith((".", "/")):
+        return None
+    if _cached_hub_files(name, recipe.model.revision) is not None:
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"model.name_or_path: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. " + offline_advice(name)
+    endpoint = os.environ.get("HF_ENDPOINT") or HUB_URL
+    reason = unreachable(endpoint)
+    if reason is None:
+        return None
+    return (f"model.name_or_path: {name} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be "
+            f"reached ({reason}). " + offline_advice(name))
