@@ -92,6 +92,11 @@ def _dispatch(args) -> int:
         if missing:
             raise PipelineError(f"{args.recipe}: data files not found (relative paths are relative to the recipe file):\n  " + "\n  ".join(missing))
         _check_model(recipe, args.recipe)
+        from pipeline.preflight import data_problems
+
+        problems = data_problems(recipe)  # every local file read and checked row by row, as its stage will
+        if problems:
+            raise PipelineError(f"{args.recipe}: bad data:\n" + "\n".join(problems))
         print(recipe.resolved_yaml(), end="")
         print(f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr)
         return 0
