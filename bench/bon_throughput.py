@@ -43,14 +43,24 @@ def per_prompt_loop(model, tok, prompts, n, max_new_tokens, eos_ids) -> int:
     for prompt in prompts:
         enc = tok(prompt, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 num_return_sequences=n, pad_token_id=tok.pad_token_id, eos_token_id=eos_ids)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos_ids,
+            )
         tokens += generated_tokens(out, enc["input_ids"].shape[1], eos_ids, tok.pad_token_id)
     return tokens
 
 
 def stage_sampler(model, tok, prompts, n, max_new_tokens, batch_size) -> int:
-    samples = generation.sample_responses(model, tok, prompts, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0)
+    samples = generation.sample_responses(
+        model, tok, prompts, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0
+    )
     return sum(len(s.token_ids) for s in samples)
 
 
@@ -81,8 +91,10 @@ def main() -> None:
             prompts.append(p)
     prompts = prompts[: args.prompts]
     eos_ids = generation.stop_ids(model, tok)
-    print(f"model {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), {len(prompts)} prompts x "
-          f"{args.n} samples x {args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print(
+        f"model {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), {len(prompts)} prompts x "
+        f"{args.n} samples x {args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}"
+    )
 
     def best_of(fn):
         rates = []
@@ -95,9 +107,13 @@ def main() -> None:
 
     per_prompt_loop(model, tok, prompts[:2], args.n, args.max_new_tokens, eos_ids)  # warm-up
     loop_rate, loop_tokens = best_of(lambda: per_prompt_loop(model, tok, prompts, args.n, args.max_new_tokens, eos_ids))
-    stage_rate, stage_tokens = best_of(lambda: stage_sampler(model, tok, prompts, args.n, args.max_new_tokens, args.batch_size))
+    stage_rate, stage_tokens = best_of(
+        lambda: stage_sampler(model, tok, prompts, args.n, args.max_new_tokens, args.batch_size)
+    )
     print(f"per-prompt generate() loop: {loop_rate:,.0f} generated tokens/s ({loop_tokens} tokens)")
-    print(f"stage sampler (batch {args.batch_size} prompts, shared prefill, finished rows dropped): {stage_rate:,.0f} generated tokens/s ({stage_tokens} tokens)")
+    print(
+        f"stage sampler (batch {args.batch_size} prompts, shared prefill, finished rows dropped): {stage_rate:,.0f} generated tokens/s ({stage_tokens} tokens)"
+    )
     print(f"speedup_vs_loop: {stage_rate / loop_rate:.2f}")
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import shutil
@@ -51,14 +50,29 @@ from pipeline.config import recipe_from_dict  # noqa: E402
 
 CONFIGS = REPO / "bench" / "configs"
 WORK = Path("/tmp/pipeline-gpu-check")
-BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("4090", 165e12)]
+BF16_PEAK = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("4090", 165e12),
+]
 
 # name -> (recipe, config dir, extra --set overrides)
 CASES = {
     "qwen0.5b-full": ("recipes/gpu/qwen2.5-0.5b-full.yaml", "Qwen2.5-0.5B", []),
-    "qwen0.5b-qlora": ("recipes/gpu/qwen2.5-0.5b-full.yaml", "Qwen2.5-0.5B",
-                       ["model.quantization=4bit", "model.quant.compute_dtype=bfloat16", "lora.r=16",
-                        "lora.target_modules=all-linear", "stages.sft.train.optim=paged_adamw_8bit"]),
+    "qwen0.5b-qlora": (
+        "recipes/gpu/qwen2.5-0.5b-full.yaml",
+        "Qwen2.5-0.5B",
+        [
+            "model.quantization=4bit",
+            "model.quant.compute_dtype=bfloat16",
+            "lora.r=16",
+            "lora.target_modules=all-linear",
+            "stages.sft.train.optim=paged_adamw_8bit",
+        ],
+    ),
     "llama8b-qlora": ("recipes/gpu/llama3.1-8b-qlora.yaml", "Llama-3.1-8B", []),
 }
 STAGES = ("sft", "reward", "dpo", "bon")
@@ -67,6 +81,7 @@ STAGES = ("sft", "reward", "dpo", "bon")
 # ------------------------------------------------------------------------------------------------
 # Recipes: the gpu recipe's model and sft training settings, reused for reward, dpo and bon
 # ------------------------------------------------------------------------------------------------
+
 
 def config_dir(name: str, layers: int | None) -> Path:
     """The reference config, or a copy truncated to ``layers`` decoder layers."""
@@ -108,9 +123,15 @@ def case_recipe(case: str, layers: int | None, dry_run: bool = False):
         "sft": {**sft, "train": train},
         "reward": {"kind": "reward", "data": pairs, "train": train},
         "dpo": {"kind": "dpo", "policy_from": "sft", "data": pairs, "train": train},
-        "bon": {"kind": "bon", "policy_from": "sft", "prompts": {"path": "prompts.jsonl"}, "n": 8,
-                "max_new_tokens": 16 if dry_run else 64, "batch_size": 2 if dry_run else 8,
-                "scorer": {"checker": "pipeline.tinytasks:preferred"}},
+        "bon": {
+            "kind": "bon",
+            "policy_from": "sft",
+            "prompts": {"path": "prompts.jsonl"},
+            "n": 8,
+            "max_new_tokens": 16 if dry_run else 64,
+            "batch_size": 2 if dry_run else 8,
+            "scorer": {"checker": "pipeline.tinytasks:preferred"},
+        },
     }
     return recipe_from_dict(raw)
 
@@ -118,6 +139,7 @@ def case_recipe(case: str, layers: int | None, dry_run: bool = False):
 # ------------------------------------------------------------------------------------------------
 # FLOPs and peaks
 # ------------------------------------------------------------------------------------------------
+
 
 def matmul_params(shape: planner.ModelShape) -> int:
     """Parameters that take part in matmuls: all but the input embedding (a tied head is a matmul)."""
@@ -148,6 +170,7 @@ def bf16_peak(device_name: str) -> float | None:
 # ------------------------------------------------------------------------------------------------
 # Models through the pipeline's loader
 # ------------------------------------------------------------------------------------------------
+
 
 def saved_base(recipe, device: str) -> str:
     """A randomly initialised checkpoint of the recipe's config, written once (bf16 safetensors), so the
@@ -218,10 +241,16 @@ def optimizer(model, name: str):
         return torch.optim.AdamW(params, lr=1e-5, fused=name.endswith("fused") or None)
     import bitsandbytes as bnb
 
-    classes = {"paged_adamw_8bit": bnb.optim.PagedAdamW8bit, "adamw_8bit": bnb.optim.AdamW8bit,
-               "adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    classes = {
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "adamw_bnb_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }
     if name not in classes:
-        raise SystemExit(f"gpu_check: optimizer {name!r} is not wired here; use one of adamw_torch, {', '.join(classes)}")
+        raise SystemExit(
+            f"gpu_check: optimizer {name!r} is not wired here; use one of adamw_torch, {', '.join(classes)}"
+        )
     return classes[name](params, lr=1e-5)
 
 
@@ -234,7 +263,10 @@ def fused_head(model, outputs: tuple[str, ...]):
         add_fused_lm_head(base, outputs=outputs)
         return "trl.add_fused_lm_head"
     except Exception as exc:  # noqa: BLE001 -- trl's trainer module needs datasets and pandas; the kernel does not
-        print(f"# trl.trainer.utils unavailable ({type(exc).__name__}: {exc}); using trl.kernels directly", file=sys.stderr)
+        print(
+            f"# trl.trainer.utils unavailable ({type(exc).__name__}: {exc}); using trl.kernels directly",
+            file=sys.stderr,
+        )
         return None  # see log_probs()
 
 
@@ -249,14 +281,24 @@ def log_probs(model, ids, fused: str | None):
     hidden = base.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
     head = base.get_output_embeddings()
     flat = hidden.reshape(-1, hidden.size(-1))
-    out = ChunkedLogProbFunction.apply(flat, head.weight, head.bias, labels[:, 1:].reshape(-1), 1.0, planner.FUSED_VOCAB_TILE,
-                                       None, 1.0, ("log_probs", "entropy"))
+    out = ChunkedLogProbFunction.apply(
+        flat,
+        head.weight,
+        head.bias,
+        labels[:, 1:].reshape(-1),
+        1.0,
+        planner.FUSED_VOCAB_TILE,
+        None,
+        1.0,
+        ("log_probs", "entropy"),
+    )
     return out[0].view(ids.shape[0], -1)
 
 
 # ------------------------------------------------------------------------------------------------
 # Stages
 # ------------------------------------------------------------------------------------------------
+
 
 def stage_loss(kind: str, model, ref, ids, fused, beta: float = 0.1):
     """The stage's loss on one micro-batch (the reference forward after the policy's, as TRL does)."""
@@ -296,7 +338,11 @@ def run_training(kind: str, recipe, base: str, device: str, steps: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.config.vocab_size
     gen = torch.Generator(device=device).manual_seed(0)
-    cast = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" and train.precision != "fp32" else contextlib.nullcontext()
+    cast = (
+        torch.autocast(device, dtype=torch.bfloat16)
+        if device == "cuda" and train.precision != "fp32"
+        else contextlib.nullcontext()
+    )
     times = []
     for _ in range(steps):
         sync(device)
@@ -313,8 +359,13 @@ def run_training(kind: str, recipe, base: str, device: str, steps: int) -> dict:
         times.append(time.perf_counter() - started)
     trainable = sum(p.numel() for p in params)
     del model, ref, opt, params
-    return {"step_s": times, "tokens_per_step": s.sequences * s.length * train.gradient_accumulation_steps,
-            "trainable": trainable, "loss": float(loss.detach()), "lm_head": fused or ("trl.kernels" if kind != "reward" else "score")}
+    return {
+        "step_s": times,
+        "tokens_per_step": s.sequences * s.length * train.gradient_accumulation_steps,
+        "trainable": trainable,
+        "loss": float(loss.detach()),
+        "lm_head": fused or ("trl.kernels" if kind != "reward" else "score"),
+    }
 
 
 def run_bon(recipe, base: str, device: str, prompt_tokens: int) -> dict:
@@ -360,7 +411,9 @@ def measure(case: str, kind: str, recipe, base: str, args) -> dict:
     free(args.device)
     plan = planner.plan_stage(recipe, kind, dist=planner.Distribution(), prompt_tokens=args.prompt_tokens)
     # the allocator sees neither the CUDA context nor paged (unified-memory) optimizer states
-    unseen = planner.CUDA_CONTEXT_BYTES + sum(v for k, v in plan.terms.items() if k.startswith("optimizer states (paged_"))
+    unseen = planner.CUDA_CONTEXT_BYTES + sum(
+        v for k, v in plan.terms.items() if k.startswith("optimizer states (paged_")
+    )
     expected = plan.peak_bytes - unseen
     step_s = min(result["step_s"][1:] or result["step_s"])
     shape = planner.model_shape(recipe.model.name_or_path, head="reward" if kind == "reward" else "causal_lm")
@@ -368,32 +421,55 @@ def measure(case: str, kind: str, recipe, base: str, args) -> dict:
     if kind == "bon":
         flops = generation_flops(shape, result["tokens_per_step"], s.prompt_tokens + s.new_tokens / 2)
     else:
-        flops = result["tokens_per_step"] * train_flops_per_token(shape, result["trainable"], s.length, kind == "dpo" and s.reference != "none")
+        flops = result["tokens_per_step"] * train_flops_per_token(
+            shape, result["trainable"], s.length, kind == "dpo" and s.reference != "none"
+        )
     peak = bf16_peak(torch.cuda.get_device_name()) if args.device == "cuda" else None
     return {
-        "case": case, "stage": kind, "summary": plan.summary, "measured_bytes": measured, "plan_bytes": expected,
-        "plan_peak_bytes": plan.peak_bytes, "ratio_measured_over_plan": measured / expected if measured else None,
-        "plan_terms": plan.terms, "plan_phase": plan.phase, "tokens_per_s": result["tokens_per_step"] / step_s,
-        "step_s": result["step_s"], "mfu": flops / step_s / peak if peak else None,
+        "case": case,
+        "stage": kind,
+        "summary": plan.summary,
+        "measured_bytes": measured,
+        "plan_bytes": expected,
+        "plan_peak_bytes": plan.peak_bytes,
+        "ratio_measured_over_plan": measured / expected if measured else None,
+        "plan_terms": plan.terms,
+        "plan_phase": plan.phase,
+        "tokens_per_s": result["tokens_per_step"] / step_s,
+        "step_s": result["step_s"],
+        "mfu": flops / step_s / peak if peak else None,
         **{k: v for k, v in result.items() if k not in ("step_s",)},
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", help=f"comma-separated cases ({', '.join(CASES)}) or case:stage (e.g. qwen0.5b-full:dpo)")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per training stage (the peak is reached in the 2nd)")
-    parser.add_argument("--layers", type=int, help="truncate every model to this many decoder layers (plan and measurement)")
+    parser.add_argument(
+        "--only", help=f"comma-separated cases ({', '.join(CASES)}) or case:stage (e.g. qwen0.5b-full:dpo)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=2, help="optimizer steps per training stage (the peak is reached in the 2nd)"
+    )
+    parser.add_argument(
+        "--layers", type=int, help="truncate every model to this many decoder layers (plan and measurement)"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=planner.DEFAULT_PROMPT_TOKENS)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--dry-run", action="store_true", help="tiny fp32 shapes (1 layer unless --layers), 1 step: checks the code paths")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny fp32 shapes (1 layer unless --layers), 1 step: checks the code paths",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; this benchmark measures GPU memory. "
-              "Use --device cpu --dry-run to check that it runs.", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device here; this benchmark measures GPU memory. "
+            "Use --device cpu --dry-run to check that it runs.",
+            file=sys.stderr,
+        )
         return 2
     if args.dry_run:
         args.layers, args.steps, args.prompt_tokens = args.layers or 1, 1, 16
@@ -412,8 +488,17 @@ def main() -> int:
             results.append(row)
             print(report_line(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                                              "layers": args.layers, "results": results}, indent=1, default=str))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "layers": args.layers,
+                    "results": results,
+                },
+                indent=1,
+                default=str,
+            )
+        )
     return 0
 
 
@@ -421,8 +506,10 @@ def report_line(row: dict) -> str:
     gb = lambda b: "-" if b is None else f"{b / planner.GIB:6.2f}"  # noqa: E731
     ratio = "-" if row["ratio_measured_over_plan"] is None else f"{row['ratio_measured_over_plan']:.2f}"
     mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-    return (f"{row['case']:>16} {row['stage']:>6}  measured {gb(row['measured_bytes'])} GiB  plan {gb(row['plan_bytes'])} GiB  "
-            f"ratio {ratio:>5}  {row['tokens_per_s']:9.0f} tok/s  MFU {mfu:>6}  | {row['summary']}")
+    return (
+        f"{row['case']:>16} {row['stage']:>6}  measured {gb(row['measured_bytes'])} GiB  plan {gb(row['plan_bytes'])} GiB  "
+        f"ratio {ratio:>5}  {row['tokens_per_s']:9.0f} tok/s  MFU {mfu:>6}  | {row['summary']}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ARCH = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-            vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, model_type="llama",
-            architectures=["LlamaForCausalLM"])
+ARCH = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+)
 # name -> (dtype, optim, lora r or None)
 CASES = {
     "full fp32 adamw_torch": ("float32", "adamw_torch", None),
@@ -58,7 +67,9 @@ def child(case: str, config_dir: str) -> dict:
     before = rss()
     model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
     if r is not None:
-        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+        model = peft.get_peft_model(
+            model, peft.LoraConfig(r=r, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if optim == "adafactor":  # what HF Trainer builds for optim=adafactor
         opt = Adafactor(params, lr=1e-4, scale_parameter=False, relative_step=False)
@@ -76,9 +87,17 @@ def planned(case: str, config_dir: str) -> int:
     from pipeline.config import recipe_from_dict
 
     dtype, optim, r = CASES[case]
-    raw = {"name": "calibration", "model": {"name_or_path": config_dir, "dtype": dtype},
-           "stages": {"sft": {"kind": "sft", "data": {"train": {"path": "x.jsonl"}, "max_length": 16},
-                              "train": {"optim": optim, "precision": "fp32" if dtype == "float32" else "bf16", "batch_size": 2}}}}
+    raw = {
+        "name": "calibration",
+        "model": {"name_or_path": config_dir, "dtype": dtype},
+        "stages": {
+            "sft": {
+                "kind": "sft",
+                "data": {"train": {"path": "x.jsonl"}, "max_length": 16},
+                "train": {"optim": optim, "precision": "fp32" if dtype == "float32" else "bf16", "batch_size": 2},
+            }
+        },
+    }
     if r is not None:
         raw["lora"] = {"r": r, "dropout": 0.0}
     p = plan.plan_stage(recipe_from_dict(raw), "sft", dist=plan.Distribution())
@@ -100,11 +119,15 @@ def main() -> int:
         (Path(tmp) / "config.json").write_text(json.dumps(ARCH))
         print(f"{'case':<28} {'trainable':>11} {'plan MiB':>9} {'measured MiB':>13} {'measured/plan':>14}")
         for case in CASES:
-            out = subprocess.run([sys.executable, __file__, "--child", case, "--config", tmp], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", case, "--config", tmp], capture_output=True, text=True, check=True
+            )
             got = json.loads(out.stdout.strip().splitlines()[-1])
             plan_bytes = planned(case, tmp)
             rows.append({"case": case, "plan_bytes": plan_bytes, **got, "ratio": got["measured"] / plan_bytes})
-            print(f"{case:<28} {got['trainable']:>11,} {plan_bytes / 2**20:>9.1f} {got['measured'] / 2**20:>13.1f} {got['measured'] / plan_bytes:>14.3f}")
+            print(
+                f"{case:<28} {got['trainable']:>11,} {plan_bytes / 2**20:>9.1f} {got['measured'] / 2**20:>13.1f} {got['measured'] / plan_bytes:>14.3f}"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     worst = max(abs(r["ratio"] - 1) for r in rows)

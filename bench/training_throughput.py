@@ -48,27 +48,55 @@ def datasets_available(work: Path, rows: int, alpaca: Path) -> dict[str, tuple[P
         sft_path, pairs_path = work / f"{name}_sft.jsonl", work / f"{name}_pairs.jsonl"
         sft_path.write_text("".join(json.dumps(r) + "\n" for r in items))
         # pairs of unequal length: the row's answer vs a shortened or padded-out variant of it
-        pairs = [{"prompt": r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""), "chosen": r["output"],
-                  "rejected": (r["output"][: len(r["output"]) // 2] if i % 2 else r["output"] + " Anyway, whatever.")}
-                 for i, r in enumerate(items)]
+        pairs = [
+            {
+                "prompt": r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""),
+                "chosen": r["output"],
+                "rejected": (r["output"][: len(r["output"]) // 2] if i % 2 else r["output"] + " Anyway, whatever."),
+            }
+            for i, r in enumerate(items)
+        ]
         pairs_path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         out[name] = (sft_path, pairs_path)
     return out
 
 
 def recipe(model: dict, sft_path: Path, pairs_path: Path, mode: str, args) -> dict:
-    train = {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": 1e-4, "batching": mode,
-             "logging_steps": 1000, "save_steps": 10_000, "precision": args.precision}
+    train = {
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "learning_rate": 1e-4,
+        "batching": mode,
+        "logging_steps": 1000,
+        "save_steps": 10_000,
+        "precision": args.precision,
+    }
     pair_train = {**train, "batching": "padded" if mode == "padded" else "grouped"}
     data = {"template": "alpaca", "max_length": args.max_length}
     return {
-        "name": f"throughput-{mode}", "seed": 0, "model": model, "tracking": {"report_to": "none"},
+        "name": f"throughput-{mode}",
+        "seed": 0,
+        "model": model,
+        "tracking": {"report_to": "none"},
         "stages": {
-            "sft": {"kind": "sft", "data": {"train": {"path": str(sft_path)}, **data, "overlength": "truncate"}, "train": train},
-            "reward": {"kind": "reward", "base_from": "sft", "data": {"train": {"path": str(pairs_path)}, **data, "eval_fraction": 0},
-                       "train": pair_train},
-            "dpo": {"kind": "dpo", "policy_from": "sft", "precompute_ref_log_probs": False,
-                    "data": {"train": {"path": str(pairs_path)}, **data, "eval_fraction": 0}, "train": pair_train},
+            "sft": {
+                "kind": "sft",
+                "data": {"train": {"path": str(sft_path)}, **data, "overlength": "truncate"},
+                "train": train,
+            },
+            "reward": {
+                "kind": "reward",
+                "base_from": "sft",
+                "data": {"train": {"path": str(pairs_path)}, **data, "eval_fraction": 0},
+                "train": pair_train,
+            },
+            "dpo": {
+                "kind": "dpo",
+                "policy_from": "sft",
+                "precompute_ref_log_probs": False,
+                "data": {"train": {"path": str(pairs_path)}, **data, "eval_fraction": 0},
+                "train": pair_train,
+            },
         },
     }
 
@@ -83,7 +111,10 @@ def run_case(raw: dict, work: Path, stages: list[str]) -> dict[str, dict]:
     for stage in stages:
         entry = runner.run_stage(rec, stage, run_dir)
         m = entry["metrics"]
-        results[stage] = {k: m.get(k) for k in ("batching", "nonpad_token_share", "train_tokens_per_s", "train_tokens", "train_runtime_s")}
+        results[stage] = {
+            k: m.get(k)
+            for k in ("batching", "nonpad_token_share", "train_tokens_per_s", "train_tokens", "train_runtime_s")
+        }
     return results
 
 
@@ -121,8 +152,10 @@ def main() -> None:
     os.environ.setdefault("PIPELINE_CACHE", str(Path(tempfile.gettempdir()) / "pipeline-bench-cache"))
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
     args.precision = "bf16" if args.device_model else "fp32"
-    model = {"name_or_path": device_model(Path(args.device_model), work) if args.device_model else "builtin:tiny-llama",
-             "dtype": "bfloat16" if args.device_model else "float32"}
+    model = {
+        "name_or_path": device_model(Path(args.device_model), work) if args.device_model else "builtin:tiny-llama",
+        "dtype": "bfloat16" if args.device_model else "float32",
+    }
     if args.attn:
         model["attn_implementation"] = args.attn
     results: dict[str, dict] = {}
@@ -135,7 +168,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
     base = "alpaca" if args.alpaca.is_file() else "demo"
     padded = results[f"{base}/padded"]["sft"]["train_tokens_per_s"]
-    best = max(results[f"{base}/{m}"]["sft"]["train_tokens_per_s"] for m in args.modes.split(",") if f"{base}/{m}" in results)
+    best = max(
+        results[f"{base}/{m}"]["sft"]["train_tokens_per_s"] for m in args.modes.split(",") if f"{base}/{m}" in results
+    )
     print(f"speedup_sft: {best / padded:.2f}")
 
 
@@ -144,8 +179,10 @@ def print_table(results: dict[str, dict]) -> None:
     for case, stages in results.items():
         for stage, m in stages.items():
             tps = m["train_tokens_per_s"]
-            print(f"{case:<18} {stage:<7} {m['batching'] or '-':<9} {m['nonpad_token_share'] or 0:>12.3f} "
-                  f"{tps or 0:>10,.0f} {m['train_tokens'] or 0:>9}")
+            print(
+                f"{case:<18} {stage:<7} {m['batching'] or '-':<9} {m['nonpad_token_share'] or 0:>12.3f} "
+                f"{tps or 0:>10,.0f} {m['train_tokens'] or 0:>9}"
+            )
 
 
 if __name__ == "__main__":

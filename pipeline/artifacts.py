@@ -20,7 +20,18 @@ from pipeline.config.schema import Recipe, iter_sources
 from pipeline.fileio import write_json_atomic
 
 MANIFEST = "manifest.json"
-TRACKED_PACKAGES = ("pipeline-alignment", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "deepspeed", "wandb")
+TRACKED_PACKAGES = (
+    "pipeline-alignment",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "deepspeed",
+    "wandb",
+)
 
 
 def now() -> str:
@@ -116,5 +127,10 @@ def git_commit() -> str | None:
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+    )
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -24,23 +24,34 @@ def default_recipe() -> Path:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a recipe value, e.g. --set stages.sft.train.learning_rate=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value, e.g. --set stages.sft.train.learning_rate=1e-4 (repeatable)",
+    )
     p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<name>)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description="SFT -> reward model -> best-of-n -> DPO from one recipe.")
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description="SFT -> reward model -> best-of-n -> DPO from one recipe."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a recipe and print it resolved")
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    p = sub.add_parser("plan", help="estimate each stage's peak GPU memory, term by term, and whether it fits",
-                       description="Peak GPU memory per stage (weights, gradients, optimizer states, activations, "
-                       "logits, KV cache, sharding) from the model's config.json, with a verdict against --gpu-memory "
-                       "and re-planned suggestions when a stage does not fit. Reads no weights, needs no GPU.")
+    p = sub.add_parser(
+        "plan",
+        help="estimate each stage's peak GPU memory, term by term, and whether it fits",
+        description="Peak GPU memory per stage (weights, gradients, optimizer states, activations, "
+        "logits, KV cache, sharding) from the model's config.json, with a verdict against --gpu-memory "
+        "and re-planned suggestions when a stage does not fit. Reads no weights, needs no GPU.",
+    )
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument("--gpu-memory", help="memory of one GPU: 24GiB, 24GB, 80G, or a number of GiB")
@@ -53,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe's stages in order (default: the built-in demo)")
     p.add_argument("recipe", nargs="?")
     p.add_argument("--stages", help="comma-separated stage names (default: all, in recipe order)")
-    p.add_argument("--launch", help="accelerate config: run each stage under `accelerate launch` with it (default: the recipe's launch)")
+    p.add_argument(
+        "--launch",
+        help="accelerate config: run each stage under `accelerate launch` with it (default: the recipe's launch)",
+    )
     _common(p)
 
     p = sub.add_parser("stage", help="run one stage in this process (what accelerate launch calls)")
@@ -62,13 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser(
-        "export", help="write a stage's model as a standalone model directory (LoRA merged into its base)",
+        "export",
+        help="write a stage's model as a standalone model directory (LoRA merged into its base)",
         description="Export the model of STAGE in the run directory RUN_DIR to OUT_DIR: a LoRA adapter is merged "
         "into its base (loaded in full precision, also for 4-bit/8-bit recipes) and saved with the tokenizer; a "
         "full-weight model is copied as is. Loads with plain AutoModelForCausalLM.from_pretrained(OUT_DIR). "
         "Example: pipeline export runs/demo dpo exported/demo-dpo",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (a recipe's --output-dir, default runs/<name>)")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the run directory (a recipe's --output-dir, default runs/<name>)"
+    )
     p.add_argument("stage", metavar="STAGE", help="a finished training stage (sft, reward, dpo ...)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model; must not exist or be empty")
     return parser
@@ -90,7 +107,10 @@ def _dispatch(args) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         missing = missing_data_files(recipe)
         if missing:
-            raise PipelineError(f"{args.recipe}: data files not found (relative paths are relative to the recipe file):\n  " + "\n  ".join(missing))
+            raise PipelineError(
+                f"{args.recipe}: data files not found (relative paths are relative to the recipe file):\n  "
+                + "\n  ".join(missing)
+            )
         _check_model(recipe, args.recipe)
         from pipeline.preflight import data_problems
 
@@ -98,7 +118,9 @@ def _dispatch(args) -> int:
         if problems:
             raise PipelineError(f"{args.recipe}: bad data:\n" + "\n".join(problems))
         print(recipe.resolved_yaml(), end="")
-        print(f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr)
+        print(
+            f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr
+        )
         return 0
 
     if args.command == "plan":
@@ -149,7 +171,10 @@ def _stages_to_run(args, recipe, recipe_path) -> list[str]:
         recipe.stage(name)
     missing = missing_data_files(recipe, stages)
     if missing:  # before anything heavy runs, not when the stage that needs the file starts
-        raise PipelineError(f"{recipe_path}: data files not found (relative paths are relative to the recipe file):\n  " + "\n  ".join(missing))
+        raise PipelineError(
+            f"{recipe_path}: data files not found (relative paths are relative to the recipe file):\n  "
+            + "\n  ".join(missing)
+        )
     _check_model(recipe, recipe_path)
     return stages
 

@@ -99,7 +99,9 @@ def length_grouped(trainer_cls: type) -> type:
                     return super()._get_train_sampler(train_dataset)
                 dataset = train_dataset if train_dataset is not None else self.train_dataset
                 lengths = [sequence_length(row) for row in dataset]
-                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
+                return LengthGroupedSampler(
+                    self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
+                )
 
         Grouped.__name__ = Grouped.__qualname__ = f"Grouped{trainer_cls.__name__}"
         _GROUPED[trainer_cls] = Grouped

@@ -42,12 +42,26 @@ def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> d
         model = modeling.load_merged(cfg, ref, head=head)
         model.save_pretrained(str(tmp))
         # fit() saves the tokenizer beside every model; else the adapter's base has it
-        source = next((p for p in (ref.path, modeling.resolve_name(ref.base or cfg.name_or_path)) if (Path(p) / "tokenizer_config.json").is_file()), None)
+        source = next(
+            (
+                p
+                for p in (ref.path, modeling.resolve_name(ref.base or cfg.name_or_path))
+                if (Path(p) / "tokenizer_config.json").is_file()
+            ),
+            None,
+        )
         tokenizer = modeling.load_tokenizer(cfg, path=source)
         tokenizer.save_pretrained(str(tmp))
         merged = True
-    info = {"run_dir": str(run_dir), "stage": stage, "kind": entry.get("kind"), "model": ref.as_dict(),
-            "merged_adapter": merged, "head": head, "exported_at": now()}
+    info = {
+        "run_dir": str(run_dir),
+        "stage": stage,
+        "kind": entry.get("kind"),
+        "model": ref.as_dict(),
+        "merged_adapter": merged,
+        "head": head,
+        "exported_at": now(),
+    }
     write_json_atomic(tmp / "export.json", info)
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
@@ -86,4 +100,6 @@ def _stage_recipe(run_dir: Path, stage: str) -> dict[str, Any]:
     for path in (run_dir / stage / "recipe.yaml", run_dir / "recipe.yaml"):
         if path.is_file():
             return yaml.safe_load(path.read_text()) or {}
-    raise PipelineError(f"export: no recipe.yaml in {run_dir / stage} or {run_dir}; cannot tell how to load the base model")
+    raise PipelineError(
+        f"export: no recipe.yaml in {run_dir / stage} or {run_dir}; cannot tell how to load the base model"
+    )

@@ -10,8 +10,8 @@ Greedy decoding (temperature 0) gives exactly ``generate(do_sample=False)`` (tes
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -40,7 +40,9 @@ def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
 
                 if not is_template_error(exc):
                     raise
-                raise DataError(f"prompt {len(out) + 1} {str(prompt)[:120]}: the model's chat template refuses it ({exc}); {FIX_STRICT}") from None
+                raise DataError(
+                    f"prompt {len(out) + 1} {str(prompt)[:120]}: the model's chat template refuses it ({exc}); {FIX_STRICT}"
+                ) from None
         else:
             ids = tokenizer(prompt)["input_ids"]  # what TRL's SFT tokenization does for text prompts
         out.append(list(ids))
@@ -87,13 +89,20 @@ def sample_batch(
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
     attention = torch.zeros((batch, width), dtype=torch.long)
     for i, ids in enumerate(prompt_ids):  # left padding: every prompt ends at the same column
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention[i, width - len(ids):] = 1
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        attention[i, width - len(ids) :] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
 
     cache = DynamicCache()
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = out.past_key_values
     logits = out.logits[:, -1].repeat_interleave(n, 0)
     cache.batch_repeat_interleave(n)  # one prefill, shared by the n samples
@@ -121,7 +130,13 @@ def sample_batch(
             attention, position, nxt, alive = attention[keep], position[keep], nxt[keep], alive[keep]
         attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
         position = position + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=position[:, None], past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=attention,
+            position_ids=position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache, logits = out.past_key_values, out.logits[:, -1]
     return [[(tokens[p * n + s], finish[p * n + s]) for s in range(n)] for p in range(batch)]
 
@@ -152,8 +167,10 @@ def sample_responses(
     samples: list[Sample] = []
     started, generated = time.perf_counter(), 0
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        result = sample_batch(model, [encoded[i] for i in chunk], n, max_new_tokens, eos_ids, pad_id, temperature, top_p, generator)
+        chunk = order[start : start + batch_size]
+        result = sample_batch(
+            model, [encoded[i] for i in chunk], n, max_new_tokens, eos_ids, pad_id, temperature, top_p, generator
+        )
         for prompt_index, continuations in zip(chunk, result):
             for sample_idx, (ids, reason) in enumerate(continuations):
                 samples.append(Sample(prompt_index, sample_idx, ids, reason))
@@ -170,25 +187,29 @@ def decode(tokenizer, sample: Sample) -> str:
 
 
 @torch.no_grad()
-def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 64) -> list[float]:
+def completion_logprobs(
+    model, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 64
+) -> list[float]:
     """Sum of log p(completion token | prefix) for each (prompt, completion), e.g. for KL estimates."""
     sequences = [p + c for p, c in zip(prompt_ids, completion_ids)]
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = [0.0] * len(sequences)
     device = model.device
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(len(sequences[i]) for i in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, i in enumerate(chunk):  # right padding: positions need no adjusting
             ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
             mask[row, : len(sequences[i])] = 1
-        logprobs = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1)
+        logprobs = torch.log_softmax(
+            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1
+        )
         for row, i in enumerate(chunk):
             start_pos, end_pos = len(prompt_ids[i]), len(sequences[i])
             if end_pos == start_pos:
                 continue
             targets = ids[row, start_pos:end_pos].to(device)
-            out[i] = float(logprobs[row, start_pos - 1:end_pos - 1].gather(-1, targets[:, None]).sum())
+            out[i] = float(logprobs[row, start_pos - 1 : end_pos - 1].gather(-1, targets[:, None]).sum())
     return out

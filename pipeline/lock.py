@@ -21,8 +21,8 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import PipelineError
 
@@ -91,10 +91,16 @@ def run_dir_lock(run_dir: Path, say=print) -> Iterator[None]:
             ) from None
         _announce_takeover(read_holder(path), path, say)
         token = uuid.uuid4().hex
-        _write_holder(fd, {
-            "pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": token,
-        })
+        _write_holder(
+            fd,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": " ".join(sys.argv),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "token": token,
+            },
+        )
         previous = os.environ.get(TOKEN_ENV)
         os.environ[TOKEN_ENV] = token  # inherited by the stage processes this one launches
         try:

@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import BUILTIN_TINY_MODEL, Recipe, StageConfig, apply_override, recipe_from_dict
+from pipeline.config import BUILTIN_TINY_MODEL, Recipe, apply_override, recipe_from_dict
 from pipeline.errors import PipelineError
 
 GIB = 1024**3
@@ -53,6 +53,7 @@ BNB_MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit states in bitsandbytes o
 # ------------------------------------------------------------------------------------------------
 # Optimizers: bytes of state per trainable parameter
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Optim:
@@ -123,6 +124,7 @@ def count(n: int) -> str:
 # Model shapes, exact: the class instantiated on the meta device
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Linear:
     name: str
@@ -164,7 +166,9 @@ def config_source(name_or_path: str) -> str:
 
         return str(tiny_model_path())
     if name_or_path.startswith("builtin:"):
-        raise PipelineError(f"model.name_or_path: unknown built-in model {name_or_path!r}; the built-in is {BUILTIN_TINY_MODEL!r}")
+        raise PipelineError(
+            f"model.name_or_path: unknown built-in model {name_or_path!r}; the built-in is {BUILTIN_TINY_MODEL!r}"
+        )
     if Path(name_or_path).is_dir() and not (Path(name_or_path) / "config.json").is_file():
         raise PipelineError(f"model.name_or_path: {name_or_path} is a directory without config.json")
     return name_or_path
@@ -176,7 +180,9 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
 
     source = config_source(name_or_path)
     try:
-        return AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code, local_files_only=True)
+        return AutoConfig.from_pretrained(
+            source, revision=revision, trust_remote_code=trust_remote_code, local_files_only=True
+        )
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PipelineError(
@@ -187,7 +193,9 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
 
 
 @lru_cache(maxsize=16)
-def model_shape(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, head: str = "causal_lm") -> ModelShape:
+def model_shape(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, head: str = "causal_lm"
+) -> ModelShape:
     """Exact parameter counts by category. ``head``: causal_lm, or reward (a one-output sequence classifier)."""
     return shape_of_config(load_model_config(name_or_path, revision, trust_remote_code), head)
 
@@ -234,16 +242,25 @@ def shape_of_model(model, head: str = "causal_lm") -> ModelShape:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     tied = out_head is not None and any(p is out_head.weight for p in model.get_input_embeddings().parameters())
     return ModelShape(
-        arch=type(model).__name__, hidden=cfg.hidden_size, intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-        layers=cfg.num_hidden_layers, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=head_dim, vocab=cfg.vocab_size, linears=tuple(linears), total=sum(p.numel() for p in model.parameters()),
-        tied=tied, **counts,
+        arch=type(model).__name__,
+        hidden=cfg.hidden_size,
+        intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+        layers=cfg.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab=cfg.vocab_size,
+        linears=tuple(linears),
+        total=sum(p.numel() for p in model.parameters()),
+        tied=tied,
+        **counts,
     )
 
 
 # ------------------------------------------------------------------------------------------------
 # What a stage runs: resolved from the recipe
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Distribution:
@@ -273,10 +290,17 @@ def read_launch(path: str | None, processes: int | None = None) -> Distribution:
     ds = settings.get("deepspeed_config") or {}
     fsdp = settings.get("fsdp_config") or {}
     if kind == "DEEPSPEED":
-        return Distribution(f"zero{int(ds.get('zero_stage', 2))}", n, str(ds.get("offload_optimizer_device", "none")) != "none",
-                            str(ds.get("offload_param_device", "none")) != "none", path)
+        return Distribution(
+            f"zero{int(ds.get('zero_stage', 2))}",
+            n,
+            str(ds.get("offload_optimizer_device", "none")) != "none",
+            str(ds.get("offload_param_device", "none")) != "none",
+            path,
+        )
     if kind == "FSDP":
-        return Distribution("fsdp", n, bool(fsdp.get("fsdp_offload_params")), bool(fsdp.get("fsdp_offload_params")), path)
+        return Distribution(
+            "fsdp", n, bool(fsdp.get("fsdp_offload_params")), bool(fsdp.get("fsdp_offload_params")), path
+        )
     return Distribution("ddp" if n > 1 else "single", n, source=path)
 
 
@@ -315,8 +339,13 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 def stage_setup(recipe: Recipe, name: str, prompt_tokens: int | None = None) -> Setup:
     stage, model = recipe.stage(name), recipe.model
     wb = _DTYPE_BYTES[model.dtype]
-    common = dict(weight_bytes=wb, quantization=model.quantization, quant_double=model.quant.double_quant,
-                  lora=recipe.lora, checkpointing=model.gradient_checkpointing)
+    common = dict(
+        weight_bytes=wb,
+        quantization=model.quantization,
+        quant_double=model.quant.double_quant,
+        lora=recipe.lora,
+        checkpointing=model.gradient_checkpointing,
+    )
     if stage.kind in ("sft", "reward", "dpo"):
         train = stage.train
         # fp32 weights without autocast compute in fp32; otherwise matmul outputs are bf16/fp16
@@ -325,25 +354,54 @@ def stage_setup(recipe: Recipe, name: str, prompt_tokens: int | None = None) -> 
         reference = "none"
         if stage.kind == "dpo" and not stage.precompute_ref_log_probs:
             reference = "adapter" if recipe.lora is not None else "copy"
-        return Setup(kind=stage.kind, head="reward" if stage.kind == "reward" else "causal_lm", act_bytes=act,
-                     optim=train.optim, sequences=pair * train.batch_size, length=stage.data.max_length,
-                     grad_accum=train.gradient_accumulation_steps, reference=reference, **common)
+        return Setup(
+            kind=stage.kind,
+            head="reward" if stage.kind == "reward" else "causal_lm",
+            act_bytes=act,
+            optim=train.optim,
+            sequences=pair * train.batch_size,
+            length=stage.data.max_length,
+            grad_accum=train.gradient_accumulation_steps,
+            reference=reference,
+            **common,
+        )
     prompt = prompt_tokens or DEFAULT_PROMPT_TOKENS
     if stage.kind == "bon":
-        return Setup(kind="bon", head="causal_lm", act_bytes=2 if wb == 2 else 4, gen_batch=stage.batch_size * stage.n,
-                     gen_prompts=stage.batch_size, prompt_tokens=prompt, new_tokens=stage.max_new_tokens,
-                     sampling=stage.temperature > 0, top_p=stage.top_p, scorer=stage.scorer.reward_from is not None,
-                     scorer_batch=stage.scorer.batch_size, **common)
+        return Setup(
+            kind="bon",
+            head="causal_lm",
+            act_bytes=2 if wb == 2 else 4,
+            gen_batch=stage.batch_size * stage.n,
+            gen_prompts=stage.batch_size,
+            prompt_tokens=prompt,
+            new_tokens=stage.max_new_tokens,
+            sampling=stage.temperature > 0,
+            top_p=stage.top_p,
+            scorer=stage.scorer.reward_from is not None,
+            scorer_batch=stage.scorer.batch_size,
+            **common,
+        )
     # eval: greedy decoding of batch_size prompts; KL samples score batch_size sequences with full logits
-    return Setup(kind="eval", head="causal_lm", act_bytes=2 if wb == 2 else 4, gen_batch=stage.batch_size,
-                 gen_prompts=stage.batch_size, prompt_tokens=prompt, new_tokens=stage.max_new_tokens,
-                 sampling=stage.kl_samples > 0, scorer=stage.reward_from is not None, scorer_batch=stage.batch_size,
-                 extra_policies=1, **common)
+    return Setup(
+        kind="eval",
+        head="causal_lm",
+        act_bytes=2 if wb == 2 else 4,
+        gen_batch=stage.batch_size,
+        gen_prompts=stage.batch_size,
+        prompt_tokens=prompt,
+        new_tokens=stage.max_new_tokens,
+        sampling=stage.kl_samples > 0,
+        scorer=stage.reward_from is not None,
+        scorer_batch=stage.batch_size,
+        extra_policies=1,
+        **common,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Terms
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Tensor:
@@ -480,10 +538,16 @@ def activation_terms(shape: ModelShape, s: Setup) -> dict[str, int]:
     desc = f"{s.sequences} seq x {s.length} tokens"
     if s.checkpointing:
         return {
-            f"activations: layer inputs kept by checkpointing ({shape.layers} layers, {desc})": shape.layers * tokens * shape.hidden * rb,
+            f"activations: layer inputs kept by checkpointing ({shape.layers} layers, {desc})": shape.layers
+            * tokens
+            * shape.hidden
+            * rb,
             "activations: one layer recomputed in backward + residual gradients": tokens * per_layer + grad_stream,
         }
-    return {f"activations: {shape.layers} layers ({desc}), no checkpointing": shape.layers * tokens * per_layer + grad_stream}
+    return {
+        f"activations: {shape.layers} layers ({desc}), no checkpointing": shape.layers * tokens * per_layer
+        + grad_stream
+    }
 
 
 def head_terms(shape: ModelShape, s: Setup, head_trainable: bool, fused: bool) -> dict[str, int]:
@@ -493,7 +557,11 @@ def head_terms(shape: ModelShape, s: Setup, head_trainable: bool, fused: bool) -
         return {"reward head: final hidden states + scores": tokens * (h * ab + 4)}
     if not fused:
         # bf16 logits, their fp32 upcast, log-softmax output and its gradient
-        return {f"logits: {tokens} tokens x {shape.vocab} vocab (bf16 + fp32 copies, gradient)": tokens * shape.vocab * (ab + 12)}
+        return {
+            f"logits: {tokens} tokens x {shape.vocab} vocab (bf16 + fp32 copies, gradient)": tokens
+            * shape.vocab
+            * (ab + 12)
+        }
     tile = min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab, FUSED_VOCAB_TILE) * ab
     total = tile + tokens * h * (ab + 4)  # hidden states it saves + the fp32 hidden-state gradient accumulator
     label = "LM head (TRL chunked log-probs): tile + fp32 hidden gradient"
@@ -520,6 +588,7 @@ def trl_fuses_lm_head() -> bool:
 # One stage's peak
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class StagePlan:
     name: str
@@ -542,9 +611,17 @@ class StagePlan:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "kind": self.kind, "summary": self.summary, "peak_bytes": self.peak_bytes, "peak_gib": round(self.peak_bytes / GIB, 3),
-            "phase": self.phase, "terms": dict(_largest_first(self.terms)), "other_terms": dict(_largest_first(self.other_terms)),
-            "fits": self.fits, "gpu_memory_bytes": self.gpu_memory, "notes": self.notes, "suggestions": self.suggestions,
+            "kind": self.kind,
+            "summary": self.summary,
+            "peak_bytes": self.peak_bytes,
+            "peak_gib": round(self.peak_bytes / GIB, 3),
+            "phase": self.phase,
+            "terms": dict(_largest_first(self.terms)),
+            "other_terms": dict(_largest_first(self.other_terms)),
+            "fits": self.fits,
+            "gpu_memory_bytes": self.gpu_memory,
+            "notes": self.notes,
+            "suggestions": self.suggestions,
         }
 
 
@@ -567,13 +644,21 @@ def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict
     weights = weight_terms(shape, s, training=True)
     if s.lora is not None:
         weights["LoRA adapter (fp32)"] = sum(t.numel * t.bytes for t in lora_tensors(shape, s.lora))
-        weights.update({"trainable copies of modules_to_save": sum(t.numel * t.bytes for t in saved_module_tensors(shape, s.lora, s))})
+        weights.update(
+            {
+                "trainable copies of modules_to_save": sum(
+                    t.numel * t.bytes for t in saved_module_tensors(shape, s.lora, s)
+                )
+            }
+        )
     elif dist.kind == "fsdp":  # trainable weights were upcast to fp32
         weights = {"weights (fp32 master, upcast by FSDP)": shape.total * 4}
     if s.reference == "copy":
         weights["reference model (frozen full copy)"] = shape.total * s.weight_bytes
     elif s.reference == "adapter":
-        weights["reference adapter (frozen copy of the SFT adapter)"] = sum(t.numel * t.bytes for t in lora_tensors(shape, s.lora))
+        weights["reference adapter (frozen copy of the SFT adapter)"] = sum(
+            t.numel * t.bytes for t in lora_tensors(shape, s.lora)
+        )
     master = deepspeed and s.weight_bytes < 4  # DeepSpeed's optimizer steps an fp32 master copy
     fixed: dict[str, int] = {}
     states = optimizer_state_bytes(spec, tensors, master_fp32=master or dist.kind == "fsdp")
@@ -602,7 +687,10 @@ def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict
     fixed["CUDA context + allocator allowance"] = CUDA_CONTEXT_BYTES
     fwd_bwd = activation_terms(shape, s)
     fwd_bwd.update(head_terms(shape, s, head_trainable=s.lora is None, fused=trl_fuses_lm_head()))
-    step = {"gradients" + (f" / {n} (sharded)" if (deepspeed and dist.kind != "zero1") or dist.kind == "fsdp" else ""): grads}
+    step = {
+        "gradients"
+        + (f" / {n} (sharded)" if (deepspeed and dist.kind != "zero1") or dist.kind == "fsdp" else ""): grads
+    }
     if step_temp:
         step["AdamW foreach temporary (one state-sized buffer during the step)"] = step_temp
     if master and dist.kind != "zero3":
@@ -616,10 +704,18 @@ def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict
     if s.reference != "none":
         # the reference log-probs are computed (without gradients) before the policy's forward, so their
         # transient memory is freed before the policy's activations exist (measured: the peaks do not add)
-        phases["reference forward"] = {"reference forward (no grad, transient)": _no_grad_forward_bytes(shape, s, s.sequences * s.length)}
+        phases["reference forward"] = {
+            "reference forward (no grad, transient)": _no_grad_forward_bytes(shape, s, s.sequences * s.length)
+        }
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     at_peak = phases[phase]
-    other = {k: v for name, terms in phases.items() if name != phase for k, v in terms.items() if k not in at_peak and k not in step_grads}
+    other = {
+        k: v
+        for name, terms in phases.items()
+        if name != phase
+        for k, v in terms.items()
+        if k not in at_peak and k not in step_grads
+    }
     return {**fixed, **at_peak}, other, phase, notes
 
 
@@ -649,43 +745,79 @@ def generation_plan(shape: ModelShape, s: Setup, scorer: ModelShape | None) -> t
     sample_bytes = (8 if s.sampling else 0) + (21 if s.top_p < 1 else 0)  # fp32 softmax (+ top-p sort, cumsum)
     phases: dict[str, dict[str, int]] = {
         "decoding": {
-            f"KV cache: {s.gen_batch} sequences x {seq} tokens (+ one layer's growth copy)": kv + kv // max(shape.layers, 1),
-            f"logits of one decoding step ({s.gen_batch} x {shape.vocab} vocab)": s.gen_batch * shape.vocab * (ab + sample_bytes),
+            f"KV cache: {s.gen_batch} sequences x {seq} tokens (+ one layer's growth copy)": kv
+            + kv // max(shape.layers, 1),
+            f"logits of one decoding step ({s.gen_batch} x {shape.vocab} vocab)": s.gen_batch
+            * shape.vocab
+            * (ab + sample_bytes),
         },
         "prefill": {
-            f"prefill: KV cache of {s.gen_prompts} prompts x {s.prompt_tokens} tokens, repeated": kv_per_token * s.gen_prompts * s.prompt_tokens * 2,
-            "prefill: one layer's intermediates + attention mask": _no_grad_forward_bytes(shape, s, s.gen_prompts * s.prompt_tokens)
+            f"prefill: KV cache of {s.gen_prompts} prompts x {s.prompt_tokens} tokens, repeated": kv_per_token
+            * s.gen_prompts
+            * s.prompt_tokens
+            * 2,
+            "prefill: one layer's intermediates + attention mask": _no_grad_forward_bytes(
+                shape, s, s.gen_prompts * s.prompt_tokens
+            )
             + s.gen_prompts * s.prompt_tokens**2,
         },
     }
     if s.kind == "eval" and s.sampling:
         # generation.completion_logprobs: log_softmax over the full logits of 64 sequences at a time
-        phases["KL estimate"] = {f"KL estimate: full log-softmax of 64 sequences x {seq} tokens x {shape.vocab} vocab": 64 * seq * shape.vocab * (ab + 8)}
+        phases["KL estimate"] = {
+            f"KL estimate: full log-softmax of 64 sequences x {seq} tokens x {shape.vocab} vocab": 64
+            * seq
+            * shape.vocab
+            * (ab + 8)
+        }
     if scorer is not None:
-        phases["scoring"] = {"reward-model scoring forward (no grad)": _no_grad_forward_bytes(scorer, s, s.scorer_batch * seq)}
+        phases["scoring"] = {
+            "reward-model scoring forward (no grad)": _no_grad_forward_bytes(scorer, s, s.scorer_batch * seq)
+        }
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     other = {k: v for name, terms in phases.items() if name != phase for k, v in terms.items()}
-    notes = [f"assumes prompts of {s.prompt_tokens} tokens (--prompt-tokens to change); every process holds whole models"]
+    notes = [
+        f"assumes prompts of {s.prompt_tokens} tokens (--prompt-tokens to change); every process holds whole models"
+    ]
     return {**fixed, **phases[phase]}, other, phase, notes
 
 
 def _describe(shape: ModelShape, s: Setup, dist: Distribution) -> str:
     quant = {"none": {4: "fp32", 2: "bf16"}[s.weight_bytes], "4bit": "4-bit NF4", "8bit": "8-bit"}[s.quantization]
-    method = f"{quant} + LoRA r={s.lora.r}" if s.lora is not None else (f"{quant} full" if s.kind in ("sft", "reward", "dpo") else quant)
+    method = (
+        f"{quant} + LoRA r={s.lora.r}"
+        if s.lora is not None
+        else (f"{quant} full" if s.kind in ("sft", "reward", "dpo") else quant)
+    )
     parts = [f"{shape.arch} ({count(shape.total)} params)", method]
     if s.kind in ("sft", "reward", "dpo"):
         pair = " (chosen + rejected)" if s.kind != "sft" else ""
-        parts += [f"{s.sequences} x {s.length} tokens{pair}", f"checkpointing {'on' if s.checkpointing else 'off'}", s.optim]
+        parts += [
+            f"{s.sequences} x {s.length} tokens{pair}",
+            f"checkpointing {'on' if s.checkpointing else 'off'}",
+            s.optim,
+        ]
         if s.kind == "dpo":
-            parts.append({"none": "precomputed reference", "copy": "reference: full copy", "adapter": "reference: frozen adapter"}[s.reference])
+            parts.append(
+                {
+                    "none": "precomputed reference",
+                    "copy": "reference: full copy",
+                    "adapter": "reference: frozen adapter",
+                }[s.reference]
+            )
     else:
         parts.append(f"{s.gen_batch} sequences x ({s.prompt_tokens} + {s.new_tokens}) tokens")
     parts.append(dist.describe())
     return ", ".join(parts)
 
 
-def plan_stage(recipe: Recipe, name: str, gpu_memory: int | None = None, dist: Distribution | None = None,
-               prompt_tokens: int | None = None) -> StagePlan:
+def plan_stage(
+    recipe: Recipe,
+    name: str,
+    gpu_memory: int | None = None,
+    dist: Distribution | None = None,
+    prompt_tokens: int | None = None,
+) -> StagePlan:
     dist = dist or read_launch(recipe.launch)
     stage = recipe.stage(name)
     s = stage_setup(recipe, name, prompt_tokens)
@@ -696,7 +828,9 @@ def plan_stage(recipe: Recipe, name: str, gpu_memory: int | None = None, dist: D
         if s.quantization == "4bit" and dist.kind == "zero3":
             notes.append("4-bit QLoRA under ZeRO-3 is not supported by this pipeline (see README)")
         if s.optim.startswith("paged_"):
-            notes.append("paged optimizer states live in CUDA unified memory: counted here, not in torch.cuda.max_memory_allocated")
+            notes.append(
+                "paged optimizer states live in CUDA unified memory: counted here, not in torch.cuda.max_memory_allocated"
+            )
     else:
         shape = model_shape(m.name_or_path, m.revision, m.trust_remote_code, "causal_lm")
         scorer = model_shape(m.name_or_path, m.revision, m.trust_remote_code, "reward") if s.scorer else None
@@ -707,6 +841,7 @@ def plan_stage(recipe: Recipe, name: str, gpu_memory: int | None = None, dist: D
 # ------------------------------------------------------------------------------------------------
 # Suggestions: each change re-planned with the change applied
 # ------------------------------------------------------------------------------------------------
+
 
 def _changed(recipe: Recipe, overrides: list[str]) -> Recipe:
     raw = recipe.resolved_dict()
@@ -723,30 +858,56 @@ def candidate_changes(recipe: Recipe, name: str, dist: Distribution) -> list[tup
         b, ga = stage.train.batch_size, stage.train.gradient_accumulation_steps
         for smaller in sorted({max(1, b // 2), max(1, b // 4), 1}, reverse=True):
             if smaller < b:
-                out.append((f"batch_size {b} -> {smaller}, gradient_accumulation_steps {ga} -> {ga * b // smaller} (same effective batch)",
-                            [f"{key}.train.batch_size={smaller}", f"{key}.train.gradient_accumulation_steps={ga * b // smaller}"], dist))
+                out.append(
+                    (
+                        f"batch_size {b} -> {smaller}, gradient_accumulation_steps {ga} -> {ga * b // smaller} (same effective batch)",
+                        [
+                            f"{key}.train.batch_size={smaller}",
+                            f"{key}.train.gradient_accumulation_steps={ga * b // smaller}",
+                        ],
+                        dist,
+                    )
+                )
         if not model.gradient_checkpointing:
             out.append(("activation checkpointing", ["model.gradient_checkpointing=true"], dist))
         if model.quantization != "4bit":
             lora = [] if recipe.lora is not None else ["lora.r=16"]
-            out.append(("4-bit NF4 base + LoRA (QLoRA)" + (" r=16" if lora else ""), ["model.quantization=4bit", *lora], dist))
+            out.append(
+                ("4-bit NF4 base + LoRA (QLoRA)" + (" r=16" if lora else ""), ["model.quantization=4bit", *lora], dist)
+            )
         spec = optim_spec(stage.train.optim)
         if spec.bits is None and spec.states >= 2 and recipe.lora is None:
             out.append(("8-bit optimizer states (paged_adamw_8bit)", [f"{key}.train.optim=paged_adamw_8bit"], dist))
         if stage.kind == "dpo" and not stage.precompute_ref_log_probs and recipe.lora is None:
-            out.append(("precompute_ref_log_probs (no reference model during training)", [f"{key}.precompute_ref_log_probs=true"], dist))
+            out.append(
+                (
+                    "precompute_ref_log_probs (no reference model during training)",
+                    [f"{key}.precompute_ref_log_probs=true"],
+                    dist,
+                )
+            )
         if dist.kind != "zero3" and model.quantization == "none":
             n = dist.processes if dist.processes > 1 else 8
-            out.append((f"DeepSpeed ZeRO-3 over {n} GPUs (launch/zero3.yaml, --num-processes {n})", [], Distribution("zero3", n)))
+            out.append(
+                (
+                    f"DeepSpeed ZeRO-3 over {n} GPUs (launch/zero3.yaml, --num-processes {n})",
+                    [],
+                    Distribution("zero3", n),
+                )
+            )
     else:
         b = stage.batch_size
         for smaller in sorted({max(1, b // 2), max(1, b // 4), max(1, b // 8)}, reverse=True):
             if smaller < b:
-                out.append((f"batch_size {b} -> {smaller} prompts per generation batch", [f"{key}.batch_size={smaller}"], dist))
+                out.append(
+                    (f"batch_size {b} -> {smaller} prompts per generation batch", [f"{key}.batch_size={smaller}"], dist)
+                )
     return out
 
 
-def suggest(recipe: Recipe, name: str, plan: StagePlan, dist: Distribution, prompt_tokens: int | None) -> list[dict[str, Any]]:
+def suggest(
+    recipe: Recipe, name: str, plan: StagePlan, dist: Distribution, prompt_tokens: int | None
+) -> list[dict[str, Any]]:
     """Each change re-planned; when none fits alone, all of them together."""
     found = []
     changes = candidate_changes(recipe, name, dist)
@@ -759,11 +920,20 @@ def suggest(recipe: Recipe, name: str, plan: StagePlan, dist: Distribution, prom
     if found and not any(f["fits"] for f in found):
         # on the same GPUs: the smallest batch and every other recipe change at once
         same = [c for c in changes if c[2] is dist]
-        keep = [c for c in same if not c[0].startswith("batch_size")] + [c for c in same if c[0].startswith("batch_size")][-1:]
+        keep = [c for c in same if not c[0].startswith("batch_size")] + [
+            c for c in same if c[0].startswith("batch_size")
+        ][-1:]
         overrides = [o for c in keep for o in c[1]]
         try:
             peak = plan_stage(_changed(recipe, overrides), name, plan.gpu_memory, dist, prompt_tokens).peak_bytes
-            found.append({"change": "all recipe changes above together", "set": overrides, "peak_bytes": peak, "fits": peak <= plan.gpu_memory})
+            found.append(
+                {
+                    "change": "all recipe changes above together",
+                    "set": overrides,
+                    "peak_bytes": peak,
+                    "fits": peak <= plan.gpu_memory,
+                }
+            )
         except PipelineError:
             pass
     return sorted(found, key=lambda f: (not f["fits"], f["peak_bytes"]))
@@ -773,8 +943,16 @@ def suggest(recipe: Recipe, name: str, plan: StagePlan, dist: Distribution, prom
 # Whole recipe, text, JSON, headline
 # ------------------------------------------------------------------------------------------------
 
-def plan_recipe(recipe: Recipe, stages: list[str] | None = None, gpu_memory: int | None = None, launch: str | None = None,
-                num_processes: int | None = None, prompt_tokens: int | None = None, with_suggestions: bool = True) -> dict[str, StagePlan]:
+
+def plan_recipe(
+    recipe: Recipe,
+    stages: list[str] | None = None,
+    gpu_memory: int | None = None,
+    launch: str | None = None,
+    num_processes: int | None = None,
+    prompt_tokens: int | None = None,
+    with_suggestions: bool = True,
+) -> dict[str, StagePlan]:
     dist = read_launch(launch or recipe.launch, num_processes)
     plans = {}
     for name in stages or list(recipe.stages):
@@ -786,11 +964,16 @@ def plan_recipe(recipe: Recipe, stages: list[str] | None = None, gpu_memory: int
 
 
 def format_plan(plan: StagePlan) -> str:
-    lines = [f"[{plan.name}] {plan.kind}: {plan.summary}", f"  peak {gib(plan.peak_bytes)} GiB, during the {plan.phase}:"]
+    lines = [
+        f"[{plan.name}] {plan.kind}: {plan.summary}",
+        f"  peak {gib(plan.peak_bytes)} GiB, during the {plan.phase}:",
+    ]
     lines += [f"  {gib(v):>8}  {k}" for k, v in _largest_first(plan.terms)]
     lines.append(f"  {gib(plan.peak_bytes):>8}  total (GiB)")
     if plan.other_terms:
-        lines.append("  not held at the peak: " + "; ".join(f"{k} {gib(v)}" for k, v in _largest_first(plan.other_terms)))
+        lines.append(
+            "  not held at the peak: " + "; ".join(f"{k} {gib(v)}" for k, v in _largest_first(plan.other_terms))
+        )
     lines += [f"  note: {n}" for n in plan.notes]
     if plan.gpu_memory is not None:
         spare = plan.gpu_memory - plan.peak_bytes
@@ -803,13 +986,21 @@ def format_plan(plan: StagePlan) -> str:
             for sug in plan.suggestions:
                 sets = " ".join(f"--set {o}" for o in sug["set"])
                 verdict = "fits" if sug["fits"] else "does not fit"
-                lines.append(f"    - {sug['change']}: {gib(sug['peak_bytes'])} GiB, {verdict}" + (f"   [{sets}]" if sets else ""))
+                lines.append(
+                    f"    - {sug['change']}: {gib(sug['peak_bytes'])} GiB, {verdict}" + (f"   [{sets}]" if sets else "")
+                )
     return "\n".join(lines)
 
 
 def to_json(plans: dict[str, StagePlan], gpu_memory: int | None) -> str:
-    return json.dumps({"gpu_memory_bytes": gpu_memory, "cuda_context_bytes": CUDA_CONTEXT_BYTES,
-                       "stages": {name: plan.as_dict() for name, plan in plans.items()}}, indent=1)
+    return json.dumps(
+        {
+            "gpu_memory_bytes": gpu_memory,
+            "cuda_context_bytes": CUDA_CONTEXT_BYTES,
+            "stages": {name: plan.as_dict() for name, plan in plans.items()},
+        },
+        indent=1,
+    )
 
 
 def detected_gpu_memory() -> int | None:
@@ -817,7 +1008,11 @@ def detected_gpu_memory() -> int | None:
     try:
         import torch
 
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory) if torch.cuda.is_available() else None
+        return (
+            int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+            if torch.cuda.is_available()
+            else None
+        )
     except Exception:  # noqa: BLE001 -- a headline never needs this badly enough to fail
         return None
 
@@ -830,7 +1025,13 @@ def headline(recipe: Recipe, stage_name: str, gpu_memory: int | str | None = Non
     plan = plan_stage(recipe, stage_name, memory)
     largest = [(k, v) for k, v in _largest_first(plan.terms) if not k.startswith("CUDA context")][:3]
     top = ", ".join(f"{k.split(' (')[0].split(':')[0]} {gib(v)}" for k, v in largest)
-    verdict = "" if plan.fits is None else (f"; fits {gib(memory)} GiB" if plan.fits else f"; DOES NOT FIT {gib(memory)} GiB (pipeline plan for fixes)")
+    verdict = (
+        ""
+        if plan.fits is None
+        else (
+            f"; fits {gib(memory)} GiB" if plan.fits else f"; DOES NOT FIT {gib(memory)} GiB (pipeline plan for fixes)"
+        )
+    )
     return f"[{stage_name}] memory plan (CUDA GPU): peak ~{gib(plan.peak_bytes)} GiB ({top}){verdict}"
 
 
@@ -849,7 +1050,9 @@ def main(args) -> int:
     if args.json:
         print(to_json(plans, memory))
         return 0
-    print(f"memory plan for {args.recipe} (estimates for a CUDA GPU; CUDA context allowance {gib(CUDA_CONTEXT_BYTES)} GiB)\n")
+    print(
+        f"memory plan for {args.recipe} (estimates for a CUDA GPU; CUDA context allowance {gib(CUDA_CONTEXT_BYTES)} GiB)\n"
+    )
     print("\n\n".join(format_plan(p) for p in plans.values()))
     if memory is None:
         print("\n(give --gpu-memory, e.g. --gpu-memory 24GiB, for a verdict and suggestions)")

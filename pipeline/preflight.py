@@ -92,10 +92,14 @@ HUB_URL = "https://huggingface.co"
 
 def offline_advice(name: str, what: str = "model") -> str:
     if what == "model":
-        return (f"To run offline: set model.name_or_path to a local directory, or download it once where there is a "
-                f"network (huggingface-cli download {name}) and run with HF_HUB_OFFLINE=1 to use the cache")
-    return (f"To run offline: download the data and use 'path:' in the recipe, or load it once where there is a network "
-            "and run with HF_HUB_OFFLINE=1 to use the datasets cache")
+        return (
+            f"To run offline: set model.name_or_path to a local directory, or download it once where there is a "
+            f"network (huggingface-cli download {name}) and run with HF_HUB_OFFLINE=1 to use the cache"
+        )
+    return (
+        "To run offline: download the data and use 'path:' in the recipe, or load it once where there is a network "
+        "and run with HF_HUB_OFFLINE=1 to use the datasets cache"
+    )
 
 
 def hub_model_problem(recipe: Recipe) -> str | None:
@@ -109,13 +113,18 @@ def hub_model_problem(recipe: Recipe) -> str | None:
     if _cached_hub_files(name, recipe.model.revision) is not None:
         return None
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return f"model.name_or_path: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. " + offline_advice(name)
+        return (
+            f"model.name_or_path: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+            + offline_advice(name)
+        )
     endpoint = os.environ.get("HF_ENDPOINT") or HUB_URL
     reason = unreachable(endpoint)
     if reason is None:
         return None
-    return (f"model.name_or_path: {name} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be "
-            f"reached ({reason}). " + offline_advice(name))
+    return (
+        f"model.name_or_path: {name} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be "
+        f"reached ({reason}). " + offline_advice(name)
+    )
 
 
 def data_problems(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
@@ -154,7 +163,9 @@ def _data_checks(recipe: Recipe, name: str) -> list:
             checks.append(lambda: prepare_pairs(data.train, data.eval, data))
     prompts = getattr(stage, "prompts", None)
     if local(prompts):
-        template = getattr(stage, "template", None) or _policy_template(recipe, getattr(stage, "policy_from", None) or stage.reference)
+        template = getattr(stage, "template", None) or _policy_template(
+            recipe, getattr(stage, "policy_from", None) or stage.reference
+        )
         checks.append(lambda: load_prompts(prompts, template))
     return checks
 

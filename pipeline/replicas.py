@@ -35,9 +35,7 @@ TRAINED_VOCAB = 1024  # merges + alphabet learned from the corpus; specials and 
 BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # SentencePiece byte fallback pieces
 
 # Pre-tokenizer regexes of the released tokenizers (tokenizer.json "pre_tokenizer").
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -74,143 +72,288 @@ def _rope(theta: float, **scaling: Any) -> dict[str, Any]:
 
 
 _LLAMA3_SPECIALS = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
 )  # ids 128000..128010 in the release; the other 245 reserved tokens are left out
 _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # 151643..151645
 _MISTRAL_SPECIALS = (
-    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-    "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
 )  # ids 0..9; the 758 [control_N] tokens after them are left out
 _GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")  # 0..4, 106, 107
 _PHI3_SPECIALS = (
-    "<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>", "<|placeholder4|>",
-    "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>",
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
 )  # 32000..32010
 
 # 7 heads x head_dim 64 (the release's head_dim) over hidden 256: every Linear's in_features is a multiple
 # of 64, which bitsandbytes' CPU 4-bit kernel needs (hidden 7 x 32 = 224 failed to load in 4-bit).
 _QWEN_ARCH = dict(
-    hidden_size=256, head_dim=64, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=7, num_key_value_heads=1,
-    max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
-    sliding_window=32768, max_window_layers=2, rope_parameters=_rope(1000000.0), hidden_act="silu",
+    hidden_size=256,
+    head_dim=64,
+    intermediate_size=1408,
+    num_hidden_layers=2,
+    num_attention_heads=7,
+    num_key_value_heads=1,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    use_sliding_window=False,
+    sliding_window=32768,
+    max_window_layers=2,
+    rope_parameters=_rope(1000000.0),
+    hidden_act="silu",
 )  # 0.5B: hidden 896, 14 heads / 2 kv heads (head_dim 64), intermediate 4864, tied, qkv bias (fixed in Qwen2)
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family(
-        name="llama3", copies="meta-llama/Llama-3.1-8B-Instruct",
-        model_class="LlamaForCausalLM", config_class="LlamaConfig", tokenizer_kind="llama3",
-        specials_front=(), specials_back=_LLAMA3_SPECIALS,
-        bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, unk=None, add_bos=True, end_of_turn="<|eot_id|>",
-        chat_template=templates.LLAMA3_1_INSTRUCT,
-        generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
-        generation_extra=dict(do_sample=True, temperature=0.6, top_p=0.9),
-        arch=dict(
-            hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-            max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
-            rope_parameters=_rope(500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=8192),
-        ),  # 8B: hidden 4096, 32 heads / 8 kv heads, intermediate 14336 (3.5x), untied
-        tokenizer_extra=dict(model_max_length=131072),
-        conventions=(
-            "no pad token (the release has none; <|finetune_right_pad_id|> exists but is not pad_token)",
-            "the tokenizer prepends <|begin_of_text|> (post-processor) and the chat template writes it too",
-            "eos_token is <|eot_id|> (end of turn); generation_config stops on [<|end_of_text|>, <|eom_id|>, <|eot_id|>]",
-            "the chat template always writes a system header with 'Cutting Knowledge Date'",
-            "GQA 4:1, untied embeddings, llama3 rope scaling",
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="llama3",
+            copies="meta-llama/Llama-3.1-8B-Instruct",
+            model_class="LlamaForCausalLM",
+            config_class="LlamaConfig",
+            tokenizer_kind="llama3",
+            specials_front=(),
+            specials_back=_LLAMA3_SPECIALS,
+            bos="<|begin_of_text|>",
+            eos="<|eot_id|>",
+            pad=None,
+            unk=None,
+            add_bos=True,
+            end_of_turn="<|eot_id|>",
+            chat_template=templates.LLAMA3_1_INSTRUCT,
+            generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+            generation_extra=dict(do_sample=True, temperature=0.6, top_p=0.9),
+            arch=dict(
+                hidden_size=128,
+                intermediate_size=448,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                hidden_act="silu",
+                rope_parameters=_rope(
+                    500000.0,
+                    rope_type="llama3",
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=8192,
+                ),
+            ),  # 8B: hidden 4096, 32 heads / 8 kv heads, intermediate 14336 (3.5x), untied
+            tokenizer_extra=dict(model_max_length=131072),
+            conventions=(
+                "no pad token (the release has none; <|finetune_right_pad_id|> exists but is not pad_token)",
+                "the tokenizer prepends <|begin_of_text|> (post-processor) and the chat template writes it too",
+                "eos_token is <|eot_id|> (end of turn); generation_config stops on [<|end_of_text|>, <|eom_id|>, <|eot_id|>]",
+                "the chat template always writes a system header with 'Cutting Knowledge Date'",
+                "GQA 4:1, untied embeddings, llama3 rope scaling",
+            ),
         ),
-    ),
-    Family(
-        name="qwen2.5", copies="Qwen/Qwen2.5-0.5B",
-        model_class="Qwen2ForCausalLM", config_class="Qwen2Config", tokenizer_kind="qwen2",
-        specials_front=(), specials_back=_QWEN_SPECIALS,
-        bos=None, eos="<|endoftext|>", pad="<|endoftext|>", unk=None, add_bos=False, end_of_turn="<|im_end|>",
-        chat_template=templates.QWEN2_5, generation_eos=("<|endoftext|>",),
-        generation_extra=dict(do_sample=False, max_new_tokens=2048),
-        arch=_QWEN_ARCH, model_vocab_multiple=128, tokenizer_extra=dict(model_max_length=131072, errors="replace"),
-        conventions=(
-            "pad == eos == <|endoftext|> (base model): masking pad positions also masks the real EOS",
-            "no BOS token at all",
-            "chat turns end with <|im_end|>, which is not eos_token; a default system prompt is injected",
-            "model vocab (multiple of 128) > len(tokenizer): rows that no token id reaches",
-            "GQA 7:1, tied embeddings, q/k/v biases",
+        Family(
+            name="qwen2.5",
+            copies="Qwen/Qwen2.5-0.5B",
+            model_class="Qwen2ForCausalLM",
+            config_class="Qwen2Config",
+            tokenizer_kind="qwen2",
+            specials_front=(),
+            specials_back=_QWEN_SPECIALS,
+            bos=None,
+            eos="<|endoftext|>",
+            pad="<|endoftext|>",
+            unk=None,
+            add_bos=False,
+            end_of_turn="<|im_end|>",
+            chat_template=templates.QWEN2_5,
+            generation_eos=("<|endoftext|>",),
+            generation_extra=dict(do_sample=False, max_new_tokens=2048),
+            arch=_QWEN_ARCH,
+            model_vocab_multiple=128,
+            tokenizer_extra=dict(model_max_length=131072, errors="replace"),
+            conventions=(
+                "pad == eos == <|endoftext|> (base model): masking pad positions also masks the real EOS",
+                "no BOS token at all",
+                "chat turns end with <|im_end|>, which is not eos_token; a default system prompt is injected",
+                "model vocab (multiple of 128) > len(tokenizer): rows that no token id reaches",
+                "GQA 7:1, tied embeddings, q/k/v biases",
+            ),
         ),
-    ),
-    Family(
-        name="qwen2.5-instruct", copies="Qwen/Qwen2.5-0.5B-Instruct",
-        model_class="Qwen2ForCausalLM", config_class="Qwen2Config", tokenizer_kind="qwen2",
-        specials_front=(), specials_back=_QWEN_SPECIALS,
-        bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None, add_bos=False, end_of_turn="<|im_end|>",
-        chat_template=templates.QWEN2_5, generation_eos=("<|im_end|>", "<|endoftext|>"),
-        generation_extra=dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1),
-        arch=_QWEN_ARCH, model_vocab_multiple=128, tokenizer_extra=dict(model_max_length=131072, errors="replace"),
-        conventions=(
-            "eos_token is <|im_end|> (end of turn), pad is <|endoftext|>; generation stops on both",
-            "no BOS token at all; model vocab > len(tokenizer); tied embeddings",
+        Family(
+            name="qwen2.5-instruct",
+            copies="Qwen/Qwen2.5-0.5B-Instruct",
+            model_class="Qwen2ForCausalLM",
+            config_class="Qwen2Config",
+            tokenizer_kind="qwen2",
+            specials_front=(),
+            specials_back=_QWEN_SPECIALS,
+            bos=None,
+            eos="<|im_end|>",
+            pad="<|endoftext|>",
+            unk=None,
+            add_bos=False,
+            end_of_turn="<|im_end|>",
+            chat_template=templates.QWEN2_5,
+            generation_eos=("<|im_end|>", "<|endoftext|>"),
+            generation_extra=dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.1),
+            arch=_QWEN_ARCH,
+            model_vocab_multiple=128,
+            tokenizer_extra=dict(model_max_length=131072, errors="replace"),
+            conventions=(
+                "eos_token is <|im_end|> (end of turn), pad is <|endoftext|>; generation stops on both",
+                "no BOS token at all; model vocab > len(tokenizer); tied embeddings",
+            ),
         ),
-    ),
-    Family(
-        name="mistral", copies="mistralai/Mistral-7B-Instruct-v0.3",
-        model_class="MistralForCausalLM", config_class="MistralConfig", tokenizer_kind="sentencepiece",
-        specials_front=_MISTRAL_SPECIALS, specials_back=(),
-        bos="<s>", eos="</s>", pad=None, unk="<unk>", add_bos=True, end_of_turn="</s>",
-        chat_template=templates.MISTRAL_V3, generation_eos=("</s>",), generation_extra={},
-        arch=dict(
-            hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-            max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
-            rope_parameters=_rope(1000000.0), hidden_act="silu",
-        ),  # 7B v0.3: hidden 4096, 32 heads / 8 kv heads, intermediate 14336, untied, no sliding window
-        tokenizer_extra=dict(model_max_length=1000000000000000019884624838656, legacy=False),
-        conventions=(
-            "no pad token; the tokenizer prepends <s> and the chat template writes it too",
-            "SentencePiece-style ▁ pieces with byte fallback; [INST]/[/INST] are control tokens",
-            "strict template: roles must alternate; a system message is merged into the LAST user turn only",
-            "the assistant turn is ' ' + content|trim + '</s>' (the end of turn is eos)",
+        Family(
+            name="mistral",
+            copies="mistralai/Mistral-7B-Instruct-v0.3",
+            model_class="MistralForCausalLM",
+            config_class="MistralConfig",
+            tokenizer_kind="sentencepiece",
+            specials_front=_MISTRAL_SPECIALS,
+            specials_back=(),
+            bos="<s>",
+            eos="</s>",
+            pad=None,
+            unk="<unk>",
+            add_bos=True,
+            end_of_turn="</s>",
+            chat_template=templates.MISTRAL_V3,
+            generation_eos=("</s>",),
+            generation_extra={},
+            arch=dict(
+                hidden_size=128,
+                intermediate_size=448,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                max_position_embeddings=32768,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                sliding_window=None,
+                rope_parameters=_rope(1000000.0),
+                hidden_act="silu",
+            ),  # 7B v0.3: hidden 4096, 32 heads / 8 kv heads, intermediate 14336, untied, no sliding window
+            tokenizer_extra=dict(model_max_length=1000000000000000019884624838656, legacy=False),
+            conventions=(
+                "no pad token; the tokenizer prepends <s> and the chat template writes it too",
+                "SentencePiece-style ▁ pieces with byte fallback; [INST]/[/INST] are control tokens",
+                "strict template: roles must alternate; a system message is merged into the LAST user turn only",
+                "the assistant turn is ' ' + content|trim + '</s>' (the end of turn is eos)",
+            ),
         ),
-    ),
-    Family(
-        name="gemma2", copies="google/gemma-2-2b-it",
-        model_class="Gemma2ForCausalLM", config_class="Gemma2Config", tokenizer_kind="gemma",
-        specials_front=_GEMMA_SPECIALS, specials_back=(),
-        bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True, end_of_turn="<end_of_turn>",
-        chat_template=templates.GEMMA, generation_eos=("<eos>", "<end_of_turn>"),
-        generation_extra=dict(cache_implementation="hybrid"),
-        arch=dict(
-            hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=64, query_pre_attn_scalar=64, sliding_window=64, max_position_embeddings=8192,
-            final_logit_softcapping=30.0, attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh",
-            rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=_rope(10000.0),
-        ),  # 2b: hidden 2304, 8 heads x head_dim 256 (!= hidden), 4 kv heads, sliding 4096 on alternate layers
-        tokenizer_extra=dict(model_max_length=1000000000000000019884624838656),
-        conventions=(
-            "the tokenizer prepends <bos> and the chat template writes it too",
-            "turns end with <end_of_turn>, not eos; generation_config stops on [<eos>, <end_of_turn>]",
-            "strict template: raises on a system turn and on non-alternating roles; assistant is 'model'",
-            "logit soft-capping, sliding window on alternate layers, heads*head_dim != hidden; trained with eager attention",
+        Family(
+            name="gemma2",
+            copies="google/gemma-2-2b-it",
+            model_class="Gemma2ForCausalLM",
+            config_class="Gemma2Config",
+            tokenizer_kind="gemma",
+            specials_front=_GEMMA_SPECIALS,
+            specials_back=(),
+            bos="<bos>",
+            eos="<eos>",
+            pad="<pad>",
+            unk="<unk>",
+            add_bos=True,
+            end_of_turn="<end_of_turn>",
+            chat_template=templates.GEMMA,
+            generation_eos=("<eos>", "<end_of_turn>"),
+            generation_extra=dict(cache_implementation="hybrid"),
+            arch=dict(
+                hidden_size=128,
+                intermediate_size=512,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=64,
+                query_pre_attn_scalar=64,
+                sliding_window=64,
+                max_position_embeddings=8192,
+                final_logit_softcapping=30.0,
+                attn_logit_softcapping=50.0,
+                hidden_activation="gelu_pytorch_tanh",
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+                rope_parameters=_rope(10000.0),
+            ),  # 2b: hidden 2304, 8 heads x head_dim 256 (!= hidden), 4 kv heads, sliding 4096 on alternate layers
+            tokenizer_extra=dict(model_max_length=1000000000000000019884624838656),
+            conventions=(
+                "the tokenizer prepends <bos> and the chat template writes it too",
+                "turns end with <end_of_turn>, not eos; generation_config stops on [<eos>, <end_of_turn>]",
+                "strict template: raises on a system turn and on non-alternating roles; assistant is 'model'",
+                "logit soft-capping, sliding window on alternate layers, heads*head_dim != hidden; trained with eager attention",
+            ),
         ),
-    ),
-    Family(
-        name="phi3", copies="microsoft/Phi-3-mini-4k-instruct",
-        model_class="Phi3ForCausalLM", config_class="Phi3Config", tokenizer_kind="sentencepiece",
-        specials_front=("<unk>", "<s>", "</s>"), specials_back=_PHI3_SPECIALS,
-        bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", unk="<unk>", add_bos=False, end_of_turn="<|end|>",
-        chat_template=templates.PHI3, generation_eos=("<|endoftext|>", "<|assistant|>", "<|end|>"),
-        generation_extra={},
-        arch=dict(
-            hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-            max_position_embeddings=4096, original_max_position_embeddings=4096, rms_norm_eps=1e-5,
-            tie_word_embeddings=False, sliding_window=2047, rope_parameters=_rope(10000.0), hidden_act="silu",
-        ),  # mini-4k: hidden 3072, 32 heads, no GQA, intermediate 8192, fused qkv / gate_up, untied
-        model_vocab_multiple=64, tokenizer_extra=dict(model_max_length=4096, legacy=False, padding_side="left"),
-        conventions=(
-            "pad == eos == <|endoftext|>; turns end with <|end|>; generation stops on [<|endoftext|>, <|assistant|>, <|end|>]",
-            "the tokenizer adds no BOS (add_bos_token false) and the template writes none",
-            "the template appends eos_token after the last turn unless add_generation_prompt",
-            "model vocab (multiple of 64) > len(tokenizer); fused qkv_proj / gate_up_proj; untied; no GQA",
+        Family(
+            name="phi3",
+            copies="microsoft/Phi-3-mini-4k-instruct",
+            model_class="Phi3ForCausalLM",
+            config_class="Phi3Config",
+            tokenizer_kind="sentencepiece",
+            specials_front=("<unk>", "<s>", "</s>"),
+            specials_back=_PHI3_SPECIALS,
+            bos="<s>",
+            eos="<|endoftext|>",
+            pad="<|endoftext|>",
+            unk="<unk>",
+            add_bos=False,
+            end_of_turn="<|end|>",
+            chat_template=templates.PHI3,
+            generation_eos=("<|endoftext|>", "<|assistant|>", "<|end|>"),
+            generation_extra={},
+            arch=dict(
+                hidden_size=128,
+                intermediate_size=320,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=4096,
+                original_max_position_embeddings=4096,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                sliding_window=2047,
+                rope_parameters=_rope(10000.0),
+                hidden_act="silu",
+            ),  # mini-4k: hidden 3072, 32 heads, no GQA, intermediate 8192, fused qkv / gate_up, untied
+            model_vocab_multiple=64,
+            tokenizer_extra=dict(model_max_length=4096, legacy=False, padding_side="left"),
+            conventions=(
+                "pad == eos == <|endoftext|>; turns end with <|end|>; generation stops on [<|endoftext|>, <|assistant|>, <|end|>]",
+                "the tokenizer adds no BOS (add_bos_token false) and the template writes none",
+                "the template appends eos_token after the last turn unless add_generation_prompt",
+                "model vocab (multiple of 64) > len(tokenizer); fused qkv_proj / gate_up_proj; untied; no GQA",
+            ),
         ),
-    ),
-)}
+    )
+}
 
 # Phi-3's role and placeholder tokens strip the whitespace after them (added_tokens: "rstrip": true).
 _RSTRIP_SPECIALS = {"phi3": frozenset(_PHI3_SPECIALS) - {"<|endoftext|>"}}
@@ -224,7 +367,7 @@ def family_of(name_or_path: str) -> Family | None:
     """The family a ``builtin:replica-<family>`` id names; None for anything else."""
     if not name_or_path.startswith(PREFIX):
         return None
-    return FAMILIES.get(name_or_path[len(PREFIX):])
+    return FAMILIES.get(name_or_path[len(PREFIX) :])
 
 
 def replica_path(name_or_path: str) -> Path:
@@ -293,10 +436,12 @@ def _training_tokenizer(kind: str):
         if kind == "qwen2":
             tok.normalizer = normalizers.NFC()
         split = LLAMA3_SPLIT if kind == "llama3" else QWEN2_SPLIT
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         return tok, pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE(byte_fallback=True))
     if kind == "gemma":  # SentencePiece without a dummy prefix: every space becomes ▁, nothing is prepended
@@ -312,7 +457,9 @@ def train_pieces(kind: str) -> tuple[list[str], list[tuple[str, str]]]:
     from tokenizers import trainers
 
     tok, alphabet = _training_tokenizer(kind)
-    trainer = trainers.BpeTrainer(vocab_size=TRAINED_VOCAB, initial_alphabet=alphabet, special_tokens=[], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TRAINED_VOCAB, initial_alphabet=alphabet, special_tokens=[], show_progress=False
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
@@ -365,7 +512,7 @@ def build_tokenizer(family: Family):
 
 def _llama3_tokenizer(family: Family, vocab: dict[str, int], merges: list, kwargs: dict):
     """Llama-3 ships a plain tokenizer.json (PreTrainedTokenizerFast) whose post-processor adds BOS."""
-    from tokenizers import Tokenizer, decoders, models, processors
+    from tokenizers import decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     tok, _ = _training_tokenizer("llama3")
@@ -374,10 +521,14 @@ def _llama3_tokenizer(family: Family, vocab: dict[str, int], merges: list, kwarg
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([_special(t, family) for t in family.specials_back])
     bos = family.bos
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+            ),
+        ]
+    )
     assert all(tok.token_to_id(t) == vocab[t] for t in family.specials_back)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 

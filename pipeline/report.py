@@ -32,12 +32,22 @@ def stage_rows(manifest: dict[str, Any], names: list[str], warnings_inline: bool
                 shown.append(f"{key[7:]}: first {value['first_sample']:.2f} / best {value['best']:.2f}")
         said = metrics.get("warnings") or []
         if said:
-            shown.append("; ".join(f"WARNING {w}" for w in said) if warnings_inline else f"{len(said)} warning(s), below")
+            shown.append(
+                "; ".join(f"WARNING {w}" for w in said) if warnings_inline else f"{len(said)} warning(s), below"
+            )
         if entry.get("status") == "failed":
             error = " ".join(str(entry.get("error", "")).split())  # one line: it sits in a table row
             shown = [f"error: {error[:400]}" + ("..." if len(error) > 400 else "")]
         duration = entry.get("duration_s")
-        rows.append([name, entry.get("kind", "-"), entry.get("status", "not run"), f"{duration:.1f}" if duration is not None else "-", ", ".join(shown)])
+        rows.append(
+            [
+                name,
+                entry.get("kind", "-"),
+                entry.get("status", "not run"),
+                f"{duration:.1f}" if duration is not None else "-",
+                ", ".join(shown),
+            ]
+        )
     return rows
 
 
@@ -52,7 +62,10 @@ def policy_rows(eval_metrics: dict[str, Any], first_samples: bool = True) -> lis
         rows.append([name] + [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys])
         first = m.get("first_sample")
         if first_samples and isinstance(first, dict):
-            rows.append([f"  {name} (first sample)"] + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys])
+            rows.append(
+                [f"  {name} (first sample)"]
+                + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys]
+            )
     return rows
 
 
@@ -79,7 +92,11 @@ def eval_metrics_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def warning_lines(manifest: dict[str, Any], names: list[str]) -> list[str]:
-    return [f"WARNING {w}" for n in names for w in (manifest["stages"].get(n, {}).get("metrics") or {}).get("warnings") or []]
+    return [
+        f"WARNING {w}"
+        for n in names
+        for w in (manifest["stages"].get(n, {}).get("metrics") or {}).get("warnings") or []
+    ]
 
 
 def results_table(manifest: dict[str, Any], names: list[str]) -> str:
@@ -89,7 +106,12 @@ def results_table(manifest: dict[str, Any], names: list[str]) -> str:
         text += "\n\n" + "\n".join(said)
     evaluation = eval_metrics_of(manifest)
     if evaluation:
-        text += "\n\nheld-out evaluation (" + str(evaluation.get("prompts")) + " prompts):\n" + text_table(policy_rows(evaluation))
+        text += (
+            "\n\nheld-out evaluation ("
+            + str(evaluation.get("prompts"))
+            + " prompts):\n"
+            + text_table(policy_rows(evaluation))
+        )
     return text
 
 
@@ -103,13 +125,24 @@ def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> P
     for name in names:
         wandb = manifest["stages"].get(name, {}).get("tracker", {}).get("wandb")
         if wandb:
-            links.append(f"- {name}: " + (f"[{wandb['id']}]({wandb['url']})" if wandb.get("url") else f"offline run `{wandb['dir']}` (`{wandb.get('sync', 'wandb sync')}`)"))
+            links.append(
+                f"- {name}: "
+                + (
+                    f"[{wandb['id']}]({wandb['url']})"
+                    if wandb.get("url")
+                    else f"offline run `{wandb['dir']}` (`{wandb.get('sync', 'wandb sync')}`)"
+                )
+            )
     if links:
         parts += ["## Tracking", ""] + links + [""]
     evaluation = eval_metrics_of(manifest)
     if evaluation:
-        parts += [f"## Held-out evaluation ({evaluation.get('prompts')} prompts, reference `{evaluation.get('reference')}`)", "",
-                  markdown_table(policy_rows(evaluation)), ""]
+        parts += [
+            f"## Held-out evaluation ({evaluation.get('prompts')} prompts, reference `{evaluation.get('reference')}`)",
+            "",
+            markdown_table(policy_rows(evaluation)),
+            "",
+        ]
     figures = _figures(run_dir, manifest, names)
     if figures:
         parts += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in figures] + [""]
@@ -125,7 +158,10 @@ def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[
     for name in names:
         entry = manifest["stages"].get(name, {})
         outputs = entry.get("outputs", {})
-        for key, title in (("reward_distribution", "Reward per policy"), ("reward_histogram", f"{name}: chosen vs rejected rewards")):
+        for key, title in (
+            ("reward_distribution", "Reward per policy"),
+            ("reward_histogram", f"{name}: chosen vs rejected rewards"),
+        ):
             src = outputs.get(key)
             if src and Path(src).is_file():
                 dst = run_dir / f"{name}_{Path(src).name}"
@@ -141,6 +177,12 @@ def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[
                     if points:
                         series[key] = ([p[0] for p in points], [p[1] for p in points])
                 if series:
-                    dst = plots.lines(run_dir / f"{name}_margins.png", series, f"{name}: reward margins over training", "step", "margin")
+                    dst = plots.lines(
+                        run_dir / f"{name}_margins.png",
+                        series,
+                        f"{name}: reward margins over training",
+                        "step",
+                        "margin",
+                    )
                     figures.append((f"{name}: DPO margins", dst))
     return figures

@@ -105,10 +105,24 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(ctx.stage_dir / "recipe.yaml", recipe.resolved_yaml())
         manifest.update_stage(
-            recipe, name, kind=cfg.kind, status="running", config_hash=digest, upstream=upstream,
-            started_at=now(), ended_at=None, duration_s=None, error=None, world_size=state.num_processes,
-            distributed_type=str(state.distributed_type.value if hasattr(state.distributed_type, 'value') else state.distributed_type),
-            outputs={}, metrics={}, versions=package_versions(), git_commit=git_commit(),
+            recipe,
+            name,
+            kind=cfg.kind,
+            status="running",
+            config_hash=digest,
+            upstream=upstream,
+            started_at=now(),
+            ended_at=None,
+            duration_s=None,
+            error=None,
+            world_size=state.num_processes,
+            distributed_type=str(
+                state.distributed_type.value if hasattr(state.distributed_type, "value") else state.distributed_type
+            ),
+            outputs={},
+            metrics={},
+            versions=package_versions(),
+            git_commit=git_commit(),
         )
     state.wait_for_everyone()
     from pipeline.tracking import tracked
@@ -126,7 +140,15 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
             if isinstance(exc, GateFailed):  # the stage ran: keep what it measured and wrote
                 extra = {"metrics": exc.metrics, "outputs": ctx.outputs}
                 write_json_atomic(ctx.stage_dir / "metrics.json", exc.metrics)
-            manifest.update_stage(recipe, name, status="failed", error=reason, ended_at=now(), duration_s=round(time.time() - started, 2), **extra)
+            manifest.update_stage(
+                recipe,
+                name,
+                status="failed",
+                error=reason,
+                ended_at=now(),
+                duration_s=round(time.time() - started, 2),
+                **extra,
+            )
             if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
                 (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
         raise
@@ -136,8 +158,14 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
         metrics = {k: v for k, v in metrics.items() if v is not None}
         write_json_atomic(ctx.stage_dir / "metrics.json", metrics)
         manifest.update_stage(
-            recipe, name, status="done", metrics=metrics, outputs=ctx.outputs, tracker=tracker,
-            ended_at=now(), duration_s=duration,
+            recipe,
+            name,
+            status="done",
+            metrics=metrics,
+            outputs=ctx.outputs,
+            tracker=tracker,
+            ended_at=now(),
+            duration_s=duration,
         )
     state.wait_for_everyone()
     return manifest.stage(name)
@@ -182,17 +210,34 @@ class Launch:
         import yaml
 
         settings = yaml.safe_load(Path(self.config).read_text()) or {}
-        return int(settings.get("num_processes", 1)) > 1 or str(settings.get("distributed_type", "NO")).upper() not in ("NO", "")
+        return int(settings.get("num_processes", 1)) > 1 or str(settings.get("distributed_type", "NO")).upper() not in (
+            "NO",
+            "",
+        )
 
     def command(self, stage: str, run_dir: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(self.config),
-               "-m", "pipeline", "stage", stage, str(self.recipe_path), "--output-dir", str(run_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(self.config),
+            "-m",
+            "pipeline",
+            "stage",
+            stage,
+            str(self.recipe_path),
+            "--output-dir",
+            str(run_dir),
+        ]
         for item in self.overrides:
             cmd += ["--set", item]
         return cmd
 
 
-def run_pipeline(recipe: Recipe, run_dir: Path, stages: list[str] | None = None, say=print, launch: Launch | None = None) -> dict[str, Any]:
+def run_pipeline(
+    recipe: Recipe, run_dir: Path, stages: list[str] | None = None, say=print, launch: Launch | None = None
+) -> dict[str, Any]:
     """Run stages in order, skipping cached ones; stops at the first failure (PipelineError)."""
     import subprocess
 
@@ -215,12 +260,17 @@ def run_pipeline(recipe: Recipe, run_dir: Path, stages: list[str] | None = None,
             say(headline(recipe, name))
         except Exception as exc:  # noqa: BLE001
             log.debug("no memory plan for stage %s: %s", name, exc)
-        say(f"[{name}] running ({recipe.stages[name].kind})" + (f" under accelerate launch --config_file {launch.config}" if separate else ""))
+        say(
+            f"[{name}] running ({recipe.stages[name].kind})"
+            + (f" under accelerate launch --config_file {launch.config}" if separate else "")
+        )
         if separate:
             code = subprocess.call(launch.command(name, run_dir))
             entry = Manifest(run_dir).stage(name)
             if code != 0 or entry.get("status") != "done":
-                raise PipelineError(f"stage {name!r} failed (exit code {code}): {entry.get('error') or 'see the output above'}")
+                raise PipelineError(
+                    f"stage {name!r} failed (exit code {code}): {entry.get('error') or 'see the output above'}"
+                )
         else:
             entry = run_stage(recipe, name, run_dir)
         say(f"[{name}] done in {entry['duration_s']:.1f}s: " + json.dumps(_headline(entry.get("metrics", {}))))

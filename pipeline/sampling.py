@@ -20,25 +20,37 @@ class SamplingSettings(Protocol):
     batch_size: int
 
 
-def sample_candidates(model, tokenizer, prompts: list[PromptRecord], settings: SamplingSettings, seed: int, bar=None) -> tuple[list[dict], int]:
+def sample_candidates(
+    model, tokenizer, prompts: list[PromptRecord], settings: SamplingSettings, seed: int, bar=None
+) -> tuple[list[dict], int]:
     """Unscored candidates (n per prompt) and the number of tokens generated."""
     progress = (lambda done, tokens, secs: bar.tick(done, tokens, secs)) if bar else None
     samples = generation.sample_responses(
-        model, tokenizer, [p.prompt for p in prompts], n=settings.n, max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, batch_size=settings.batch_size, seed=seed, progress=progress,
+        model,
+        tokenizer,
+        [p.prompt for p in prompts],
+        n=settings.n,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        batch_size=settings.batch_size,
+        seed=seed,
+        progress=progress,
     )
     candidates = []
     for s in samples:
         record = prompts[s.prompt_index]
-        candidates.append({
-            "prompt_id": record.prompt_id,
-            "prompt": record.prompt,
-            "sample_idx": s.sample_idx,
-            "response": generation.decode(tokenizer, s),
-            "finish_reason": s.finish_reason,
-            "n_tokens": len(s.token_ids),
-            "row": record.row,
-        })
+        candidates.append(
+            {
+                "prompt_id": record.prompt_id,
+                "prompt": record.prompt,
+                "sample_idx": s.sample_idx,
+                "response": generation.decode(tokenizer, s),
+                "finish_reason": s.finish_reason,
+                "n_tokens": len(s.token_ids),
+                "row": record.row,
+            }
+        )
     return candidates, sum(len(s.token_ids) for s in samples)
 
 

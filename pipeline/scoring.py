@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from pipeline.errors import PipelineError
 
@@ -28,7 +29,9 @@ def load_function(ref: str, key: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise PipelineError(f"{key}: cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?") from None
+        raise PipelineError(
+            f"{key}: cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         available = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
@@ -45,7 +48,9 @@ class CheckerScorer:
         for item in items:
             value = self.fn(item["row"], item["response"])
             if not isinstance(value, (bool, int, float)):
-                raise PipelineError(f"checker {self.name} returned {type(value).__name__} ({value!r}); it must return a number or a bool")
+                raise PipelineError(
+                    f"checker {self.name} returned {type(value).__name__} ({value!r}); it must return a number or a bool"
+                )
             if math.isnan(float(value)):
                 raise PipelineError(f"checker {self.name} returned NaN for the prompt {str(item['row'])[:80]}")
             scores.append(float(value))
@@ -55,8 +60,16 @@ class CheckerScorer:
 class RewardModelScorer:
     """Batched, length-sorted scoring with a sequence-classifier reward model."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 64, max_length: int | None = None, progress: bool = False,
-                 padding_side: str = "right"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        progress: bool = False,
+        padding_side: str = "right",
+    ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.batch_size, self.max_length, self.progress = batch_size, max_length, progress
         self.padding_side = padding_side
@@ -89,9 +102,11 @@ class RewardModelScorer:
             batches = tqdm(batches, desc=f"scoring with {self.name}", unit="batch")
         with torch.no_grad():
             for start in batches:
-                chunk = order[start:start + self.batch_size]
+                chunk = order[start : start + self.batch_size]
                 ids, mask, positions = pad_batch([encoded[i] for i in chunk], pad, self.padding_side)
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits
+                logits = self.model(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+                ).logits
                 for i, value in zip(chunk, logits[:, 0].float().tolist()):
                     scores[i] = value
         self.model.train(was_training)
@@ -131,4 +146,6 @@ def reward_scorer(ctx, stage: str, batch_size: int = 64) -> RewardModelScorer:
     tokenizer = modeling.load_tokenizer(recipe.model, path=ref.path)
     model = modeling.load_trained_reward_model(recipe.model, ref, ctx.device)
     max_length = recipe.stages[stage].data.max_length
-    return RewardModelScorer(model, tokenizer, f"reward model of {stage!r}", batch_size, max_length, ctx.is_main and ctx.show_progress)
+    return RewardModelScorer(
+        model, tokenizer, f"reward model of {stage!r}", batch_size, max_length, ctx.is_main and ctx.show_progress
+    )

@@ -16,7 +16,7 @@ imported by stages and tests that must not pay for torch.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 # Row keys that sft_row/pair_row place themselves. "output" is the source
 # row's reference answer: the selected response replaces it, and carrying
@@ -65,7 +65,7 @@ def group_candidates(candidates: Iterable[dict]) -> dict[str, list[dict]]:
 
 
 def degenerate_reason(candidate: dict, keep_truncated: bool = False) -> str | None:
-    """"empty" (blank response), "truncated" (hit the length limit) or None.
+    """ "empty" (blank response), "truncated" (hit the length limit) or None.
 
     ``keep_truncated``: length-capped responses count as usable (select.keep_truncated)."""
     response = candidate.get("response")
@@ -78,7 +78,9 @@ def degenerate_reason(candidate: dict, keep_truncated: bool = False) -> str | No
     return None
 
 
-def _analyze(candidates: Iterable[dict], keep_truncated: bool = False) -> tuple[dict[str, list[dict]], dict, dict[str, list[dict]]]:
+def _analyze(
+    candidates: Iterable[dict], keep_truncated: bool = False
+) -> tuple[dict[str, list[dict]], dict, dict[str, list[dict]]]:
     """Group, validate scores, and split off degenerates.
 
     Returns (groups, base stats, prompt_id -> valid candidates in sample order).
@@ -150,9 +152,7 @@ def select_top_k_candidates(
     return selected, stats
 
 
-def select_best_candidates(
-    candidates: Iterable[dict], min_score: float | None = None
-) -> tuple[list[dict], dict]:
+def select_best_candidates(candidates: Iterable[dict], min_score: float | None = None) -> tuple[list[dict], dict]:
     """The best valid candidate per prompt (ties -> lowest sample_idx)."""
     selected, stats = select_top_k_candidates(candidates, 1, min_score)
     del stats["k"]
@@ -230,9 +230,7 @@ def pair_row(chosen: dict, rejected: dict) -> dict:
     """A preference row; Alpaca sources also keep instruction, input and the
     row's metadata (e.g. answer, task) so later stages can re-render/check."""
     if chosen["prompt_id"] != rejected["prompt_id"]:
-        raise ValueError(
-            f"pair mixes prompts: {chosen['prompt_id']!r} vs {rejected['prompt_id']!r}"
-        )
+        raise ValueError(f"pair mixes prompts: {chosen['prompt_id']!r} vs {rejected['prompt_id']!r}")
     cs, rs = _score(chosen), _score(rejected)
     out = {
         "prompt_id": chosen["prompt_id"],
@@ -257,9 +255,7 @@ def select_best(candidates: Iterable[dict], min_score: float | None = None) -> t
     return [sft_row(c) for c in selected], stats
 
 
-def select_top_k(
-    candidates: Iterable[dict], k: int, min_score: float | None = None
-) -> tuple[list[dict], dict]:
+def select_top_k(candidates: Iterable[dict], k: int, min_score: float | None = None) -> tuple[list[dict], dict]:
     """select_top_k_candidates mapped through sft_row."""
     selected, stats = select_top_k_candidates(candidates, k, min_score)
     return [sft_row(c) for c in selected], stats
@@ -290,9 +286,7 @@ def checker_rates(
     best_by_pid: dict[str, dict] = {}
     for c in selected_best:
         if "response" not in c or "row" not in c:
-            raise ValueError(
-                "selected_best must be candidates (select_best_candidates), not sft rows"
-            )
+            raise ValueError("selected_best must be candidates (select_best_candidates), not sft rows")
         pid = c["prompt_id"]
         if pid not in groups:
             raise ValueError(f"selected best prompt_id={pid!r} is not among the candidates")
@@ -303,7 +297,11 @@ def checker_rates(
     def passes(c: dict | None) -> bool:
         # Degenerate samples fail outright, matching selection, which never
         # picks them; otherwise pass_at_n could exceed what best can reach.
-        return c is not None and degenerate_reason(c, keep_truncated) is None and bool(check(c.get("row") or {}, c["response"]))
+        return (
+            c is not None
+            and degenerate_reason(c, keep_truncated) is None
+            and bool(check(c.get("row") or {}, c["response"]))
+        )
 
     first = best = any_pass = 0
     for pid, group in groups.items():

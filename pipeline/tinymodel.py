@@ -109,4 +109,6 @@ def build(out_dir: Path) -> None:
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "BUILD.json").write_text(json.dumps({"version": VERSION, "arch": ARCH, "vocab_size": len(tokenizer)}, indent=1))
+    (out_dir / "BUILD.json").write_text(
+        json.dumps({"version": VERSION, "arch": ARCH, "vocab_size": len(tokenizer)}, indent=1)
+    )

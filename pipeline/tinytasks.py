@@ -14,8 +14,8 @@ import json
 import random
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Response styles of SFT rows and their probabilities. The dominant flaw
 # (chatter) must outweigh the preferred style: with 50/35 the SFT model's
@@ -37,44 +37,133 @@ TASKS = ("addition", "word_count", "capital", "opposite")
 
 # One-word ASCII capitals only: the answer extractor takes one token.
 CAPITALS: dict[str, str] = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
-    "Portugal": "Lisbon", "Japan": "Tokyo", "China": "Beijing",
-    "Russia": "Moscow", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima",
-    "Chile": "Santiago", "Canada": "Ottawa", "Australia": "Canberra",
-    "Greece": "Athens", "Norway": "Oslo", "Sweden": "Stockholm",
-    "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw",
-    "Austria": "Vienna", "Hungary": "Budapest", "Ireland": "Dublin",
-    "Belgium": "Brussels", "Switzerland": "Bern", "Turkey": "Ankara",
-    "Iran": "Tehran", "Iraq": "Baghdad", "Thailand": "Bangkok",
-    "Vietnam": "Hanoi", "Indonesia": "Jakarta", "Cuba": "Havana",
-    "Colombia": "Bogota", "Venezuela": "Caracas", "Nigeria": "Abuja",
-    "Ghana": "Accra", "Morocco": "Rabat", "Ukraine": "Kyiv",
-    "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Canada": "Ottawa",
+    "Australia": "Canberra",
+    "Greece": "Athens",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Ireland": "Dublin",
+    "Belgium": "Brussels",
+    "Switzerland": "Bern",
+    "Turkey": "Ankara",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Indonesia": "Jakarta",
+    "Cuba": "Havana",
+    "Colombia": "Bogota",
+    "Venezuela": "Caracas",
+    "Nigeria": "Abuja",
+    "Ghana": "Accra",
+    "Morocco": "Rabat",
+    "Ukraine": "Kyiv",
+    "Romania": "Bucharest",
+    "Bulgaria": "Sofia",
+    "Serbia": "Belgrade",
     "Iceland": "Reykjavik",
 }
 
 # One direction per pair and every word used once, so each question has a
 # single gold answer (no "old" -> "young"/"new" ambiguity).
 OPPOSITES: dict[str, str] = {
-    "hot": "cold", "big": "small", "up": "down", "fast": "slow",
-    "happy": "sad", "light": "dark", "open": "closed", "old": "young",
-    "tall": "short", "rich": "poor", "hard": "soft", "wet": "dry",
-    "full": "empty", "early": "late", "strong": "weak", "loud": "quiet",
-    "thick": "thin", "clean": "dirty", "win": "lose", "left": "right",
-    "day": "night", "in": "out", "push": "pull", "buy": "sell",
-    "give": "take", "good": "bad", "true": "false", "yes": "no",
-    "first": "last", "high": "low", "near": "far", "begin": "end",
-    "inside": "outside", "above": "below", "before": "after",
-    "love": "hate", "always": "never", "alive": "dead", "front": "back",
+    "hot": "cold",
+    "big": "small",
+    "up": "down",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "open": "closed",
+    "old": "young",
+    "tall": "short",
+    "rich": "poor",
+    "hard": "soft",
+    "wet": "dry",
+    "full": "empty",
+    "early": "late",
+    "strong": "weak",
+    "loud": "quiet",
+    "thick": "thin",
+    "clean": "dirty",
+    "win": "lose",
+    "left": "right",
+    "day": "night",
+    "in": "out",
+    "push": "pull",
+    "buy": "sell",
+    "give": "take",
+    "good": "bad",
+    "true": "false",
+    "yes": "no",
+    "first": "last",
+    "high": "low",
+    "near": "far",
+    "begin": "end",
+    "inside": "outside",
+    "above": "below",
+    "before": "after",
+    "love": "hate",
+    "always": "never",
+    "alive": "dead",
+    "front": "back",
     "safe": "dangerous",
 }
 
 # Lower-case words, no punctuation, so "word" is unambiguous for counting.
 WORDS = (
-    "the", "a", "cat", "dog", "bird", "fish", "sun", "moon", "tree", "house",
-    "red", "blue", "green", "small", "big", "old", "new", "runs", "sits",
-    "sleeps", "eats", "sees", "likes", "jumps", "on", "in", "under", "near",
-    "my", "your", "happy", "quiet", "today", "now", "here", "slowly",
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "sun",
+    "moon",
+    "tree",
+    "house",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "big",
+    "old",
+    "new",
+    "runs",
+    "sits",
+    "sleeps",
+    "eats",
+    "sees",
+    "likes",
+    "jumps",
+    "on",
+    "in",
+    "under",
+    "near",
+    "my",
+    "your",
+    "happy",
+    "quiet",
+    "today",
+    "now",
+    "here",
+    "slowly",
 )
 
 # (instruction, input) templates; "{x}" is the operand. A non-empty input
@@ -215,9 +304,7 @@ def write_splits(out_dir: str | Path) -> dict[str, int]:
     counts = {}
     for name, (n, seed, styled) in SPLITS.items():
         rows = generate_rows(n, seed, styled)
-        text = "".join(
-            json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows
-        )
+        text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
         # Bytes, not text mode: no platform newline translation.
         (out / name).write_bytes(text.encode("utf-8"))
         counts[name] = len(rows)

@@ -16,8 +16,9 @@ import netrc
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import Recipe
@@ -119,9 +120,16 @@ def tracked(recipe: Recipe, stage: str, stage_dir: Path, is_main: bool, say=prin
     if mode == "offline" and not fallback and not wandb_key_configured():
         say("W&B: no API key configured, logging offline.")
     settings = dict(
-        project=cfg.project or recipe.name, entity=cfg.entity, group=recipe.name, job_type=stage,
-        name=f"{recipe.name}-{stage}", tags=cfg.tags or None, config=recipe.resolved_dict(), dir=str(stage_dir),
-        reinit="finish_previous", settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
+        project=cfg.project or recipe.name,
+        entity=cfg.entity,
+        group=recipe.name,
+        job_type=stage,
+        name=f"{recipe.name}-{stage}",
+        tags=cfg.tags or None,
+        config=recipe.resolved_dict(),
+        dir=str(stage_dir),
+        reinit="finish_previous",
+        settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
     )
     try:
         run = wandb.init(mode=mode, **settings)

@@ -111,7 +111,9 @@ def _checked_extra(config_cls, extra: dict[str, Any], stage: str) -> dict[str, A
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise RecipeError(f"stages.{stage}.train.trainer_extra.{key}: not a field of TRL's {config_cls.__name__}{hint}")
+            raise RecipeError(
+                f"stages.{stage}.train.trainer_extra.{key}: not a field of TRL's {config_cls.__name__}{hint}"
+            )
     return dict(extra)
 
 
@@ -149,7 +151,9 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     else:
         result = trainer.train(resume_from_checkpoint=last)
     if has_eval:
-        metrics["eval_loss_before"] = json.loads(initial_eval.read_text())["eval_loss"] if initial_eval.is_file() else None
+        metrics["eval_loss_before"] = (
+            json.loads(initial_eval.read_text())["eval_loss"] if initial_eval.is_file() else None
+        )
     counter.close()
     runtime = result.metrics.get("train_runtime", 0.0)
     metrics.update(

@@ -50,21 +50,32 @@ def bon_warnings(name: str, cfg, best_prompts: int, pairs: int, best_stats: dict
     unusable = degenerate_cause(best_stats["degenerate"], candidates, cfg.max_new_tokens)[1]
     sel = cfg.select
     best_causes = [
-        (best_stats["prompts_without_valid"], f"{best_stats['prompts_without_valid']} prompts had no usable sample: {unusable}"),
-        (best_stats["below_min_score"], f"{best_stats['below_min_score']} best samples scored below select.min_score="
-                                        f"{sel.min_score}: lower select.min_score"),
+        (
+            best_stats["prompts_without_valid"],
+            f"{best_stats['prompts_without_valid']} prompts had no usable sample: {unusable}",
+        ),
+        (
+            best_stats["below_min_score"],
+            f"{best_stats['below_min_score']} best samples scored below select.min_score="
+            f"{sel.min_score}: lower select.min_score",
+        ),
     ]
     degenerate_total = sum(best_stats["degenerate"].values())
-    too_few = (
-        f"{pair_stats['too_few_valid']} prompts had fewer than 2 usable samples: "
-        + (unusable if degenerate_total else f"n={cfg.n} is too small; raise n")
+    too_few = f"{pair_stats['too_few_valid']} prompts had fewer than 2 usable samples: " + (
+        unusable if degenerate_total else f"n={cfg.n} is too small; raise n"
     )
     pair_causes = [
         (pair_stats["too_few_valid"], too_few),
-        (pair_stats["equal_scores"], f"{pair_stats['equal_scores']} prompts had every usable sample scored the same "
-                                     "(no preference between them): raise n or temperature, or use a scorer with finer scores"),
-        (pair_stats["below_min_margin"], f"{pair_stats['below_min_margin']} pairs had a margin below select.min_margin="
-                                         f"{sel.min_margin}: lower select.min_margin"),
+        (
+            pair_stats["equal_scores"],
+            f"{pair_stats['equal_scores']} prompts had every usable sample scored the same "
+            "(no preference between them): raise n or temperature, or use a scorer with finer scores",
+        ),
+        (
+            pair_stats["below_min_margin"],
+            f"{pair_stats['below_min_margin']} pairs had a margin below select.min_margin="
+            f"{sel.min_margin}: lower select.min_margin",
+        ),
     ]
     found = [
         keep_warning(f"[{name}] best.jsonl", best_prompts, prompts, best_causes),
@@ -81,10 +92,16 @@ def sft_warnings(name: str, summary: dict[str, Any]) -> list[str]:
         if not rep:
             continue
         causes = [
-            (rep["dropped_overlength"], f"{rep['dropped_overlength']} rows were longer than data.max_length="
-                                        f"{summary['max_length']} (overlength: drop): raise data.max_length or set overlength: truncate"),
-            (rep["dropped_prompt_too_long"], f"{rep['dropped_prompt_too_long']} prompts alone reached data.max_length="
-                                             f"{summary['max_length']}: raise data.max_length"),
+            (
+                rep["dropped_overlength"],
+                f"{rep['dropped_overlength']} rows were longer than data.max_length="
+                f"{summary['max_length']} (overlength: drop): raise data.max_length or set overlength: truncate",
+            ),
+            (
+                rep["dropped_prompt_too_long"],
+                f"{rep['dropped_prompt_too_long']} prompts alone reached data.max_length="
+                f"{summary['max_length']}: raise data.max_length",
+            ),
         ]
         found.append(keep_warning(f"[{name}] {split} rows", rep["kept"], rep["rows"], causes))
     return [w for w in found if w]
@@ -97,8 +114,10 @@ def pair_warnings(name: str, summary: dict[str, Any]) -> list[str]:
         rep = summary.get(split)
         if not rep:
             continue
-        causes = [(n, f"{n} pairs dropped as {kind.replace('_', ' ')} (see data_summary.json {split}.examples)")
-                  for kind, n in rep.get("problems", {}).items()]
+        causes = [
+            (n, f"{n} pairs dropped as {kind.replace('_', ' ')} (see data_summary.json {split}.examples)")
+            for kind, n in rep.get("problems", {}).items()
+        ]
         found.append(keep_warning(f"[{name}] {split} pairs", rep["kept"], rep["pairs"], causes))
     return [w for w in found if w]
 
@@ -130,7 +149,9 @@ def check_upstream_output(ctx, source, unit: str, default_output: str) -> None:
         return
     path = Path(ctx.resolve_source(source, default_output).path)
     if path.is_file() and count_rows(path) == 0:
-        raise DataError(f"stage {ctx.name!r} has 0 {unit} to train on: {_upstream_origin(ctx, source, default_output, unit, 0)}")
+        raise DataError(
+            f"stage {ctx.name!r} has 0 {unit} to train on: {_upstream_origin(ctx, source, default_output, unit, 0)}"
+        )
 
 
 def check_training_rows(ctx, source, rows: int, unit: str, default_output: str) -> None:

@@ -78,7 +78,14 @@ def make_recipe(tmp_path):
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python -m pipeline ...`` as a user would."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -103,8 +110,15 @@ POLICY_RECIPE = {
                 "eval": {"path": str(TINY / "sft_eval.jsonl"), "limit": 40},
                 "max_length": 128,
             },
-            "train": {"learning_rate": 3e-3, "max_steps": 300, "batch_size": 32, "warmup": 0.05,
-                      "logging_steps": 50, "save_steps": 300, "precision": "fp32"},
+            "train": {
+                "learning_rate": 3e-3,
+                "max_steps": 300,
+                "batch_size": 32,
+                "warmup": 0.05,
+                "logging_steps": 50,
+                "save_steps": 300,
+                "precision": "fp32",
+            },
         },
         "label": {
             "kind": "bon",

@@ -18,7 +18,9 @@ from pipeline.stages import dpo, reward, sft
 
 
 def _sft_trainer(make_recipe, tmp_path, batching: str, **train):
-    recipe = load_recipe(make_recipe({"stages": {"sft": {"train": {"batching": batching, **train}}}}, name=f"{batching}.yaml"))
+    recipe = load_recipe(
+        make_recipe({"stages": {"sft": {"train": {"batching": batching, **train}}}}, name=f"{batching}.yaml")
+    )
     ctx = runner.make_context(recipe, "sft", tmp_path / batching)
     ctx.config_hash = "test"
     trainer, _ = sft.build_trainer(ctx)
@@ -89,11 +91,13 @@ def test_packed_batch_gives_the_padded_loss_and_no_attention_crosses_rows(make_r
         loss_padded = padded.compute_loss(model, dict(pad_batch))
         loss_packed = packed.compute_loss(model, dict(pack_batch))
         # each packed row's logits equal the row's logits alone: nothing attends across the boundary
-        logits = model(input_ids=pack_batch["input_ids"], position_ids=pack_batch["position_ids"], use_cache=False).logits[0]
+        logits = model(
+            input_ids=pack_batch["input_ids"], position_ids=pack_batch["position_ids"], use_cache=False
+        ).logits[0]
         start = 0
         for row in rows:
             alone = model(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0]
-            assert torch.allclose(logits[start:start + len(row["input_ids"])], alone, atol=1e-4)
+            assert torch.allclose(logits[start : start + len(row["input_ids"])], alone, atol=1e-4)
             start += len(row["input_ids"])
     assert float(loss_packed) == pytest.approx(float(loss_padded), rel=1e-5)
 
@@ -120,7 +124,16 @@ def _pairs_file(tmp_path) -> str:
     with path.open("w") as fh:
         for i, row in enumerate(rows):
             chatter = " Anyway, whatever." * (i % 4)
-            fh.write(json.dumps({"prompt": row["instruction"], "chosen": row["output"], "rejected": row["output"] + chatter + " Ugh."}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "prompt": row["instruction"],
+                        "chosen": row["output"],
+                        "rejected": row["output"] + chatter + " Ugh.",
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 
@@ -133,8 +146,12 @@ def test_pairs_are_grouped_by_their_longer_side(policy_copy, tmp_path, kind):
     recipe_path, run_dir = policy_copy
     raw = yaml.safe_load(recipe_path.read_text())
     link = {"policy_from": "sft"} if kind == "dpo" else {"base_from": "sft"}
-    raw["stages"]["pairs"] = {"kind": kind, **link, "data": {"train": {"path": _pairs_file(tmp_path)}, "template": "alpaca",
-                              "eval_fraction": 0.0}, "train": {"batch_size": 4, "max_steps": 2, "batching": "grouped"}}
+    raw["stages"]["pairs"] = {
+        "kind": kind,
+        **link,
+        "data": {"train": {"path": _pairs_file(tmp_path)}, "template": "alpaca", "eval_fraction": 0.0},
+        "train": {"batch_size": 4, "max_steps": 2, "batching": "grouped"},
+    }
     path = tmp_path / "pairs.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     ctx = runner.make_context(load_recipe(path), "pairs", run_dir)
@@ -144,11 +161,13 @@ def test_pairs_are_grouped_by_their_longer_side(policy_copy, tmp_path, kind):
     lengths = [compat.sequence_length(row) for row in trainer.train_dataset]
     order = list(iter(sampler))
     assert sorted(order) == list(range(len(trainer.train_dataset)))  # every pair once
-    batches = [order[i:i + 4] for i in range(0, len(order), 4)]
+    batches = [order[i : i + 4] for i in range(0, len(order), 4)]
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     shuffled = torch.randperm(len(order), generator=torch.Generator().manual_seed(0)).tolist()
-    random_spread = sum(max(lengths[i] for i in shuffled[j:j + 4]) - min(lengths[i] for i in shuffled[j:j + 4])
-                        for j in range(0, len(shuffled), 4)) / len(batches)
+    random_spread = sum(
+        max(lengths[i] for i in shuffled[j : j + 4]) - min(lengths[i] for i in shuffled[j : j + 4])
+        for j in range(0, len(shuffled), 4)
+    ) / len(batches)
     assert spread < random_spread
 
 

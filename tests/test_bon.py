@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
 from pipeline import runner, tinytasks
 from pipeline.config import DataSource, load_recipe
 from pipeline.data.prompts import load_prompts
 from pipeline.errors import DataError, PipelineError
+
+from conftest import REPO, SHARED_DATA
 
 
 def read_jsonl(path) -> list[dict]:
@@ -26,7 +27,11 @@ def read_jsonl(path) -> list[dict]:
 
 def test_prompts_from_alpaca_rows_are_rendered_and_deduplicated(tmp_path):
     path = tmp_path / "p.jsonl"
-    rows = [{"instruction": "Add.", "input": "1 and 2", "answer": "3"}, {"instruction": "Say hi."}, {"instruction": "Add.", "input": "1 and 2"}]
+    rows = [
+        {"instruction": "Add.", "input": "1 and 2", "answer": "3"},
+        {"instruction": "Say hi."},
+        {"instruction": "Add.", "input": "1 and 2"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     prompts, stats = load_prompts(DataSource(path=str(path)), "alpaca")
     assert stats == {"rows": 3, "prompts": 2, "duplicates": 1}
@@ -82,7 +87,7 @@ def test_greedy_sampler_equals_generate_with_padding_and_dropped_rows(tiny_model
     for i, prompt in enumerate(prompts):
         enc = tok(prompt, return_tensors="pt")
         ref = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos)
-        expected = ref[0, enc["input_ids"].shape[1]:].tolist()
+        expected = ref[0, enc["input_ids"].shape[1] :].tolist()
         if eos in expected:
             expected = expected[: expected.index(eos) + 1]
             finished_early += 1
@@ -191,8 +196,22 @@ def test_two_process_bon_covers_the_same_prompts_once(policy_copy, tmp_path):
     shutil.copytree(run_dir, single)
     runner.run_stage(load_recipe(recipe_path), "label", single)
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml"),
-           "--main_process_port", "0", "-m", "pipeline", "stage", "label", str(recipe_path), "--output-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch/cpu_2proc.yaml"),
+        "--main_process_port",
+        "0",
+        "-m",
+        "pipeline",
+        "stage",
+        "label",
+        str(recipe_path),
+        "--output-dir",
+        str(run_dir),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["label"]
@@ -202,7 +221,9 @@ def test_two_process_bon_covers_the_same_prompts_once(policy_copy, tmp_path):
     keys = [(c["prompt_id"], c["sample_idx"]) for c in two]
     assert len(keys) == len(set(keys))  # each prompt sample once
     assert {c["prompt_id"] for c in two} == {c["prompt_id"] for c in one}
-    assert [(c["prompt_id"], c["sample_idx"], c["response"]) for c in two] == [(c["prompt_id"], c["sample_idx"], c["response"]) for c in one]
+    assert [(c["prompt_id"], c["sample_idx"], c["response"]) for c in two] == [
+        (c["prompt_id"], c["sample_idx"], c["response"]) for c in one
+    ]
 
 
 @pytest.mark.slow
@@ -210,14 +231,21 @@ def test_rejection_sampling_sft_trains_on_the_best(policy_copy):
     recipe_path, run_dir = policy_copy
     raw = __import__("yaml").safe_load(Path(recipe_path).read_text())
     raw["stages"]["label"]["select"] = {"min_score": 0.5}  # accepted responses only
-    raw["stages"]["rs_sft"] = {"kind": "sft", "init_from": "sft", "data": {"train": {"from_stage": "label"}, "max_length": 128},
-                               "train": {"learning_rate": 1e-3, "max_steps": 5, "batch_size": 8, "save_steps": 5, "precision": "fp32"}}
+    raw["stages"]["rs_sft"] = {
+        "kind": "sft",
+        "init_from": "sft",
+        "data": {"train": {"from_stage": "label"}, "max_length": 128},
+        "train": {"learning_rate": 1e-3, "max_steps": 5, "batch_size": 8, "save_steps": 5, "precision": "fp32"},
+    }
     path = run_dir.parent / "rs.yaml"
     path.write_text(__import__("yaml").safe_dump(raw, sort_keys=False))
     recipe = load_recipe(path)
     bon_entry = runner.run_stage(recipe, "label", run_dir)
     entry = runner.run_stage(recipe, "rs_sft", run_dir)
-    assert entry["status"] == "done" and entry["upstream"] == {"sft": json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]["config_hash"], "label": bon_entry["config_hash"]}
+    assert entry["status"] == "done" and entry["upstream"] == {
+        "sft": json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]["config_hash"],
+        "label": bon_entry["config_hash"],
+    }
     summary = json.loads((run_dir / "rs_sft" / "data_summary.json").read_text())
     best = read_jsonl(bon_entry["outputs"]["best"])
     assert summary["train"]["rows"] == len(best) == bon_entry["metrics"]["best_rows"]
@@ -236,8 +264,19 @@ def test_checker_that_cannot_be_imported_is_a_clear_error(policy_copy):
 
 
 def test_bon_needs_a_finished_policy(make_recipe, tmp_path):
-    recipe = load_recipe(make_recipe({"stages": {"label": {
-        "kind": "bon", "policy_from": "sft", "prompts": {"path": str(REPO / "data/tiny/prompts_label.jsonl")},
-        "scorer": {"checker": "pipeline.tinytasks:preferred"}}}}))
+    recipe = load_recipe(
+        make_recipe(
+            {
+                "stages": {
+                    "label": {
+                        "kind": "bon",
+                        "policy_from": "sft",
+                        "prompts": {"path": str(REPO / "data/tiny/prompts_label.jsonl")},
+                        "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                    }
+                }
+            }
+        )
+    )
     with pytest.raises(PipelineError, match=r"stage 'label' needs the output of stage 'sft', which is not run"):
         runner.run_stage(recipe, "label", tmp_path / "run")

@@ -87,13 +87,17 @@ def test_kbit_reward_precision_matches_trl_score_head_cast():
     assert "bfloat16" in source and compat.KBIT_REWARD_PRECISION == "bf16"
 
 
-@pytest.mark.parametrize("package, low, high", [("trl", "1.16", "1.17"), ("transformers", "5.23", "5.24"), ("bitsandbytes", "0.50", "0.51")])
+@pytest.mark.parametrize(
+    "package, low, high", [("trl", "1.16", "1.17"), ("transformers", "5.23", "5.24"), ("bitsandbytes", "0.50", "0.51")]
+)
 def test_pins_cover_the_versions_these_tests_checked(package, low, high):
     from importlib.metadata import version
 
     from packaging.version import Version
 
     installed = Version(version(package))
-    assert Version(low) <= installed < Version(high), f"{package} {installed}: re-run tests/test_compat.py and move the pin"
+    assert Version(low) <= installed < Version(high), (
+        f"{package} {installed}: re-run tests/test_compat.py and move the pin"
+    )
     pyproject = (__import__("pathlib").Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert f'"{package}>={low},<{high}"' in pyproject

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BASE_RECIPE, REPO, merge, run_cli
 from pipeline.config import load_recipe, recipe_from_dict
 from pipeline.errors import RecipeError
+
+from conftest import BASE_RECIPE, REPO, merge, run_cli
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
@@ -77,16 +78,34 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 BAD_RECIPES = [
     ({"model": {"dtyp": "float32"}}, [r"model\.dtyp: unknown key", "'dtype'"]),
-    ({"stages": {"sft": {"train": {"learnig_rate": 1e-4}}}}, [r"stages\.sft\.train\.learnig_rate: unknown key", "'learning_rate'"]),
+    (
+        {"stages": {"sft": {"train": {"learnig_rate": 1e-4}}}},
+        [r"stages\.sft\.train\.learnig_rate: unknown key", "'learning_rate'"],
+    ),
     ({"model": {"quantization": "3bit"}}, [r"model\.quantization:", "'none', '4bit' or '8bit'"]),
     ({"model": {"quantization": "4bit"}}, [r"model\.quantization: 4bit needs a 'lora:' block"]),
     ({"stages": {"sft": {"train": {"batch_size": 0}}}}, [r"stages\.sft\.train\.batch_size: .*greater than 0"]),
     ({"stages": {"sft": {"data": {"template": "vicuna"}}}}, [r"stages\.sft\.data\.template:", "'alpaca' or 'chat'"]),
-    ({"stages": {"sft": {"data": {"overlength": "cut"}}}}, [r"stages\.sft\.data\.overlength:", "'truncate', 'drop' or 'error'"]),
-    ({"stages": {"sft": {"data": {"train": {"hub": "tatsu-lab/alpaca"}}}}}, [r"stages\.sft\.data\.train: .*exactly one of 'path'"]),
-    ({"stages": {"sft": {"data": {"train": {"path": "rows.txt"}}}}}, [r"unsupported file type; use \.json, \.jsonl, \.csv or \.parquet"]),
-    ({"stages": {"polish": {"kind": "sfft", "data": {"train": {"path": "a.jsonl"}}}}}, [r"stages\.polish\.kind: unknown stage kind 'sfft'", "'sft'"]),
-    ({"stages": {"again": {"kind": "sft", "init_from": "sfy", "data": {"train": {"path": "a.jsonl"}}}}}, [r"stages\.again\.init_from: no stage named 'sfy'", "'sft'"]),
+    (
+        {"stages": {"sft": {"data": {"overlength": "cut"}}}},
+        [r"stages\.sft\.data\.overlength:", "'truncate', 'drop' or 'error'"],
+    ),
+    (
+        {"stages": {"sft": {"data": {"train": {"hub": "tatsu-lab/alpaca"}}}}},
+        [r"stages\.sft\.data\.train: .*exactly one of 'path'"],
+    ),
+    (
+        {"stages": {"sft": {"data": {"train": {"path": "rows.txt"}}}}},
+        [r"unsupported file type; use \.json, \.jsonl, \.csv or \.parquet"],
+    ),
+    (
+        {"stages": {"polish": {"kind": "sfft", "data": {"train": {"path": "a.jsonl"}}}}},
+        [r"stages\.polish\.kind: unknown stage kind 'sfft'", "'sft'"],
+    ),
+    (
+        {"stages": {"again": {"kind": "sft", "init_from": "sfy", "data": {"train": {"path": "a.jsonl"}}}}},
+        [r"stages\.again\.init_from: no stage named 'sfy'", "'sft'"],
+    ),
     ({"tracking": {"report_to": ["none", "wandb"]}}, ["'none' cannot be combined"]),
     ({"name": "my run!"}, [r"name: String should match pattern"]),
     ({"lora": {"r": 0}}, [r"lora\.r: .*greater than 0"]),
@@ -105,7 +124,10 @@ def test_bad_recipe_messages(extra, patterns):
 
 def test_init_from_must_name_an_earlier_stage():
     raw = merge(BASE_RECIPE, {})
-    raw["stages"] = {"second": {"kind": "sft", "init_from": "sft", "data": raw["stages"]["sft"]["data"]}, **raw["stages"]}
+    raw["stages"] = {
+        "second": {"kind": "sft", "init_from": "sft", "data": raw["stages"]["sft"]["data"]},
+        **raw["stages"],
+    }
     with pytest.raises(RecipeError, match=r"stages\.second\.init_from: stage 'sft' must come before 'second'"):
         recipe_from_dict(raw)
 

@@ -35,10 +35,13 @@ def test_alpaca_template_matches_stanford_release():
 
 
 def test_alpaca_rows_become_prompt_completion_and_keep_metadata(tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [
-        {"instruction": "Add.", "input": "2 and 3", "output": "5", "answer": "5"},
-        {"instruction": "Say hi.", "output": "Hi."},  # input optional
-    ])
+    path = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Add.", "input": "2 and 3", "output": "5", "answer": "5"},
+            {"instruction": "Say hi.", "output": "Hi."},  # input optional
+        ],
+    )
     examples, fmt = load_sft_examples(src(path), "alpaca")
     assert fmt == "alpaca"
     assert examples[0].prompt.endswith("### Input:\n2 and 3\n\n### Response:")
@@ -55,8 +58,18 @@ def test_chat_template_renders_messages(tmp_path):
 
 
 def test_messages_format(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}])
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                ]
+            }
+        ],
+    )
     (ex,), fmt = load_sft_examples(src(path), "chat")
     assert fmt == "messages" and len(ex.prompt) == 2 and ex.completion[0]["content"] == "Hello."
 
@@ -87,15 +100,45 @@ def test_json_list_file(tmp_path):
 
 
 BAD_DATA = [
-    ("missing_output", [{"instruction": "i", "input": ""}], {}, [r"cannot tell the data format", r"columns: \{instruction: question"]),
-    ("declared_missing", [{"instruction": "i", "response": "r"}], {"format": "alpaca"}, [r"needs column\(s\) 'output'", r"response"]),
-    ("empty_output", [{"instruction": "i", "output": "ok"}, {"instruction": "i", "output": "  "}], {}, [r"row 2 \(line 2\): 'output' is empty"]),
+    (
+        "missing_output",
+        [{"instruction": "i", "input": ""}],
+        {},
+        [r"cannot tell the data format", r"columns: \{instruction: question"],
+    ),
+    (
+        "declared_missing",
+        [{"instruction": "i", "response": "r"}],
+        {"format": "alpaca"},
+        [r"needs column\(s\) 'output'", r"response"],
+    ),
+    (
+        "empty_output",
+        [{"instruction": "i", "output": "ok"}, {"instruction": "i", "output": "  "}],
+        {},
+        [r"row 2 \(line 2\): 'output' is empty"],
+    ),
     ("empty_instruction", [{"instruction": "", "output": "o"}], {}, [r"row 1 \(line 1\): 'instruction' is empty"]),
     ("non_string", [{"instruction": "i", "output": 42}], {}, [r"row 1 \(line 1\): 'output' must be a string, got int"]),
     ("null_instruction", [{"instruction": None, "output": "o"}], {}, [r"'instruction' is missing"]),
-    ("bad_mapping", [{"q": "i", "a": "o"}], {"columns": {"instruction": "question", "output": "a"}}, [r"instruction: 'question'", r"columns found: a, q"]),
-    ("messages_last_user", [{"messages": [{"role": "user", "content": "hi"}]}], {}, [r"last message must be the assistant's"]),
-    ("messages_bad_role", [{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "x"}]}], {}, [r"messages\[0\]\.role is 'human'"]),
+    (
+        "bad_mapping",
+        [{"q": "i", "a": "o"}],
+        {"columns": {"instruction": "question", "output": "a"}},
+        [r"instruction: 'question'", r"columns found: a, q"],
+    ),
+    (
+        "messages_last_user",
+        [{"messages": [{"role": "user", "content": "hi"}]}],
+        {},
+        [r"last message must be the assistant's"],
+    ),
+    (
+        "messages_bad_role",
+        [{"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+        {},
+        [r"messages\[0\]\.role is 'human'"],
+    ),
 ]
 
 
@@ -114,7 +157,9 @@ def test_bad_data_messages_name_file_and_row(tmp_path, name, rows, kw, patterns)
 def test_invalid_json_line_and_wrong_shape(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"instruction": "i", "output": "o"}\n{"instruction": "i", "output": \n[1, 2]\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl line 2: invalid JSON[\s\S]*broken\.jsonl line 3: expected a JSON object"):
+    with pytest.raises(
+        DataError, match=r"broken\.jsonl line 2: invalid JSON[\s\S]*broken\.jsonl line 3: expected a JSON object"
+    ):
         load_sft_examples(src(path), "alpaca")
     path = tmp_path / "obj.json"
     path.write_text('"just a string"')
@@ -134,7 +179,10 @@ def test_missing_empty_and_non_utf8_files(tmp_path):
 
 
 def test_messages_need_chat_template(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+    )
     with pytest.raises(DataError, match="set 'template: chat'"):
         load_sft_examples(src(path), "alpaca")
 

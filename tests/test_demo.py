@@ -26,7 +26,9 @@ def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
     assert all(entry["status"] == "done" for entry in manifest.values())
     assert "held-out evaluation" in out.stdout and "preference_pass" in out.stdout  # the results table
     report = (run_dir / "report.md").read_text()
-    assert "## Held-out evaluation" in report and "dpo_margins.png" in report and "reward_reward_histogram.png" in report
+    assert (
+        "## Held-out evaluation" in report and "dpo_margins.png" in report and "reward_reward_histogram.png" in report
+    )
 
     policies = json.loads((run_dir / "eval" / "metrics.json").read_text())["policies"]
     sft, bon, dpo = policies["sft"], policies["bon"], policies["dpo"]
@@ -40,7 +42,14 @@ def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
     assert dpo["gold_accuracy"] >= sft["gold_accuracy"] - 0.03
     assert manifest["dpo"]["metrics"]["heldout_reward_accuracy"] >= 0.80
     for name in ("sft", "rs_sft", "dpo", "bon"):
-        assert {"preference_pass", "gold_accuracy", "reward_mean", "win_rate_vs_sft", "kl_to_ref", "response_length"} <= set(policies[name])
+        assert {
+            "preference_pass",
+            "gold_accuracy",
+            "reward_mean",
+            "win_rate_vs_sft",
+            "kl_to_ref",
+            "response_length",
+        } <= set(policies[name])
     assert "first_sample" in bon
 
     # Same recipe again: every stage cached, in a fraction of the time.

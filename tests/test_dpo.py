@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import BASE_RECIPE, TINY, merge, run_cli
 from pipeline import cli, modeling, runner
 from pipeline.artifacts import Manifest
 from pipeline.config import load_recipe
 from pipeline.data.templates import alpaca_prompt
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.stages import dpo
+
+from conftest import BASE_RECIPE, TINY, merge, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -55,11 +56,22 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
 
 def dpo_stage(pairs, **extra) -> dict:
     stage = {
-        "kind": "dpo", "policy_from": "sft", "beta": 0.3,
-        "data": {"train": {"path": str(pairs["train"]), "format": "explicit"},
-                 "eval": {"path": str(pairs["eval"]), "format": "explicit"}, "max_length": 128},
-        "train": {"learning_rate": 5e-4, "max_steps": 8, "batch_size": 8, "logging_steps": 2, "save_steps": 100,
-                  "precision": "fp32"},
+        "kind": "dpo",
+        "policy_from": "sft",
+        "beta": 0.3,
+        "data": {
+            "train": {"path": str(pairs["train"]), "format": "explicit"},
+            "eval": {"path": str(pairs["eval"]), "format": "explicit"},
+            "max_length": 128,
+        },
+        "train": {
+            "learning_rate": 5e-4,
+            "max_steps": 8,
+            "batch_size": 8,
+            "logging_steps": 2,
+            "save_steps": 100,
+            "precision": "fp32",
+        },
     }
     return merge(stage, extra)
 
@@ -112,7 +124,7 @@ def completion_logps(model, tokenizer, records: list[dict]) -> torch.Tensor:
             with torch.no_grad():
                 logits = model(input_ids=ids).logits[0, :-1].float()
             logps = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
-            row.append(logps[n - 1:].sum().item())
+            row.append(logps[n - 1 :].sum().item())
         out.append(row)
     return torch.tensor(out)
 
@@ -143,7 +155,12 @@ CASES = {
     "lora sft -> frozen sft adapter": ("lora", {}, {}, "frozen sft adapter"),
     "4-bit lora sft -> frozen sft adapter": ("4bit", {}, {}, "frozen sft adapter"),
     # a fresh adapter (B = 0) moves slowly at first: a LoRA learning rate
-    "full sft + new lora -> adapter disabled": ("full", {"lora": LORA}, {"train": {"learning_rate": 3e-3}}, "adapter disabled"),
+    "full sft + new lora -> adapter disabled": (
+        "full",
+        {"lora": LORA},
+        {"train": {"learning_rate": 3e-3}},
+        "adapter disabled",
+    ),
 }
 
 
@@ -162,7 +179,11 @@ def test_reference_is_the_frozen_sft_policy(case, sft_runs, pairs, tmp_path, mon
     def spy(ctx):
         trainer, summary, setup = build(ctx)
         tok = trainer.processing_class
-        seen.update(trainer=trainer, ref_before=trl_reference_logps(trainer), policy_before=completion_logps(trainer.model, tok, records))
+        seen.update(
+            trainer=trainer,
+            ref_before=trl_reference_logps(trainer),
+            policy_before=completion_logps(trainer.model, tok, records),
+        )
         return trainer, summary, setup
 
     monkeypatch.setattr(dpo, "build_trainer", spy)
@@ -191,14 +212,22 @@ def test_reference_is_the_frozen_sft_policy(case, sft_runs, pairs, tmp_path, mon
     assert margin(policy_after) > margin(seen["policy_before"]) + 1.0
     assert metrics["heldout_reward_accuracy"] >= 0.75 and metrics["heldout_reward_margin"] > 0.2
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
-    for key in ("heldout_reward_chosen", "heldout_reward_rejected", "heldout_logps_chosen", "heldout_logps_rejected",
-                "train_reward_accuracy", "train_reward_margin"):
+    for key in (
+        "heldout_reward_chosen",
+        "heldout_reward_rejected",
+        "heldout_logps_chosen",
+        "heldout_logps_rejected",
+        "train_reward_accuracy",
+        "train_reward_margin",
+    ):
         assert isinstance(metrics[key], float), key
 
     # Margins per logging step (logging_steps=2 over 8 steps), and the held-out ones before/after.
     series = json.loads((run_dir / "dpo" / "margins.json").read_text())
     assert [p["step"] for p in series["train"]] == [2, 4, 6, 8]
-    assert [p["step"] for p in series["heldout"]] == [0, 8] and series["heldout"][0]["margin"] == pytest.approx(0, abs=0.05)
+    assert [p["step"] for p in series["heldout"]] == [0, 8] and series["heldout"][0]["margin"] == pytest.approx(
+        0, abs=0.05
+    )
     summary = json.loads((run_dir / "dpo" / "data_summary.json").read_text())
     assert summary["train"]["kept"] == metrics["train_pairs"] == 48 and summary["eval"]["kept"] == 12
 
@@ -278,7 +307,7 @@ def generate(model, tokenizer, prompts: list[str]) -> list[list[int]]:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             gen = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out.append(gen[0, ids.shape[1]:].tolist())
+        out.append(gen[0, ids.shape[1] :].tolist())
     return out
 
 
@@ -326,10 +355,16 @@ def test_export_of_a_4bit_adapter_and_of_a_full_model(sft_runs, tmp_path):
 def test_export_errors_are_clear(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "manifest.json").write_text(json.dumps({"stages": {
-        "label": {"status": "done", "kind": "bon", "outputs": {"pairs": "x.jsonl", "best": "y.jsonl"}},
-        "sft": {"status": "failed", "kind": "sft", "outputs": {}},
-    }}))
+    (run_dir / "manifest.json").write_text(
+        json.dumps(
+            {
+                "stages": {
+                    "label": {"status": "done", "kind": "bon", "outputs": {"pairs": "x.jsonl", "best": "y.jsonl"}},
+                    "sft": {"status": "failed", "kind": "sft", "outputs": {}},
+                }
+            }
+        )
+    )
     assert cli.main(["export", str(run_dir), "label", str(tmp_path / "out")]) == 2
     assert "stage 'label' (bon) has no model output (it wrote: pairs, best)" in capsys.readouterr().err
     assert cli.main(["export", str(run_dir), "sft", str(tmp_path / "out")]) == 2
@@ -348,7 +383,9 @@ def test_bad_dpo_settings_fail_before_training_and_name_the_setting(sft_runs, pa
     run_dir = sft_runs.copy("full", tmp_path / "run")
     raw = sft_runs.recipe_dict("full")
     raw["stages"]["dpo"] = dpo_stage(pairs, train={"trainer_extra": {"rpo_alpha": 0.5}})  # removed from TRL
-    with pytest.raises(RecipeError, match=r"stages\.dpo\.train\.trainer_extra\.rpo_alpha: not a field of TRL's DPOConfig"):
+    with pytest.raises(
+        RecipeError, match=r"stages\.dpo\.train\.trainer_extra\.rpo_alpha: not a field of TRL's DPOConfig"
+    ):
         runner.run_stage(load_recipe(write_recipe(tmp_path, raw)), "dpo", run_dir)
     assert Manifest(run_dir).stage("dpo")["status"] == "failed"
 

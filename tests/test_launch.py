@@ -18,17 +18,34 @@ from conftest import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 
-@pytest.mark.parametrize("config,expected_type", [
-    ("cpu_2proc", "MULTI_CPU"),
-    ("cpu_zero2", "DEEPSPEED"),
-    ("cpu_zero3", "DEEPSPEED"),
-])
+@pytest.mark.parametrize(
+    "config,expected_type",
+    [
+        ("cpu_2proc", "MULTI_CPU"),
+        ("cpu_zero2", "DEEPSPEED"),
+        ("cpu_zero3", "DEEPSPEED"),
+    ],
+)
 def test_two_process_launch_runs_sft(make_recipe, tmp_path, config, expected_type):
     recipe = make_recipe({"stages": {"sft": {"train": {"max_steps": 4, "batch_size": 4, "save_steps": 2}}}})
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}  # it would silently drop DeepSpeed
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / f"{config}.yaml"),
-           "--main_process_port", "0", "-m", "pipeline", "stage", "sft", str(recipe), "--output-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch" / f"{config}.yaml"),
+        "--main_process_port",
+        "0",
+        "-m",
+        "pipeline",
+        "stage",
+        "sft",
+        str(recipe),
+        "--output-dir",
+        str(run_dir),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["sft"]

@@ -23,8 +23,13 @@ def manifest(run_dir: Path) -> dict:
 
 
 def start_run(recipe: Path, run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(recipe), "--output-dir", str(run_dir)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(recipe), "--output-dir", str(run_dir)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
@@ -84,13 +89,25 @@ def test_failed_stage_stops_the_run_keeps_earlier_outputs_and_reports(make_recip
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "Add.", "input": "1 and 2", "output": ""}) + "\n")
     raw = yaml.safe_load(make_recipe().read_text())
-    raw["stages"]["second"] = {"kind": "sft", "init_from": "sft", "data": {"train": {"path": str(bad)}},
-                               "train": {"max_steps": 2, "precision": "fp32"}}
-    raw["stages"]["third"] = {"kind": "sft", "init_from": "second", "data": {"train": {"path": str(TINY / "sft_eval.jsonl")}},
-                              "train": {"max_steps": 2, "precision": "fp32"}}
+    raw["stages"]["second"] = {
+        "kind": "sft",
+        "init_from": "sft",
+        "data": {"train": {"path": str(bad)}},
+        "train": {"max_steps": 2, "precision": "fp32"},
+    }
+    raw["stages"]["third"] = {
+        "kind": "sft",
+        "init_from": "second",
+        "data": {"train": {"path": str(TINY / "sft_eval.jsonl")}},
+        "train": {"max_steps": 2, "precision": "fp32"},
+    }
     recipe, run_dir = write(tmp_path, raw), tmp_path / "run"
     out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
-    assert out.returncode == 2 and "bad.jsonl row 1 (line 1): 'output' is empty" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        out.returncode == 2
+        and "bad.jsonl row 1 (line 1): 'output' is empty" in out.stderr
+        and "Traceback" not in out.stderr
+    )
     stages = manifest(run_dir)
     assert stages["sft"]["status"] == "done" and Path(stages["sft"]["outputs"]["model"]["path"]).is_dir()
     assert stages["second"]["status"] == "failed" and "third" not in stages
@@ -103,8 +120,17 @@ def test_launch_config_runs_each_stage_under_accelerate(make_recipe, tmp_path):
     recipe = make_recipe({"stages": {"sft": {"train": {"max_steps": 4, "batch_size": 4, "save_steps": 4}}}})
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    out = run_cli("run", str(recipe), "--output-dir", str(run_dir), "--launch", str(REPO / "launch/cpu_2proc.yaml"),
-                  "--set", "stages.sft.train.learning_rate=0.002", env=env)
+    out = run_cli(
+        "run",
+        str(recipe),
+        "--output-dir",
+        str(run_dir),
+        "--launch",
+        str(REPO / "launch/cpu_2proc.yaml"),
+        "--set",
+        "stages.sft.train.learning_rate=0.002",
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     entry = manifest(run_dir)["sft"]
     assert entry["world_size"] == 2 and entry["status"] == "done"

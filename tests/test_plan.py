@@ -22,7 +22,14 @@ GIB = plan.GIB
 def small_configs():
     from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+    )
     return {
         "llama": LlamaConfig(**common, tie_word_embeddings=False),
         "qwen2": Qwen2Config(**common, tie_word_embeddings=True),
@@ -45,22 +52,44 @@ def test_counts_equal_the_instantiated_model(arch):
     params = list(model.parameters())
     assert shape.total == sum(p.numel() for p in params)
     assert shape.embedding + shape.head + shape.norms + shape.other + shape.linear_weights == shape.total
-    setup = plan.Setup(kind="sft", head="causal_lm", weight_bytes=2, act_bytes=2, quantization="none", quant_double=True,
-                       lora=None, checkpointing=False)
-    assert sum(plan.weight_terms(shape, setup, training=True).values()) == sum(p.numel() * p.element_size() for p in params)
+    setup = plan.Setup(
+        kind="sft",
+        head="causal_lm",
+        weight_bytes=2,
+        act_bytes=2,
+        quantization="none",
+        quant_double=True,
+        lora=None,
+        checkpointing=False,
+    )
+    assert sum(plan.weight_terms(shape, setup, training=True).values()) == sum(
+        p.numel() * p.element_size() for p in params
+    )
     # LoRA on all-linear: what peft actually creates
     lora = load_recipe(REPO / "recipes" / "demo.yaml", ["lora.r=4"]).lora
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
     created = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert sum(t.numel for t in plan.lora_tensors(shape, lora)) == created
-    assert all(p.dtype == torch.float32 for n, p in peft_model.named_parameters() if "lora_" in n)  # 4 bytes each, as planned
+    assert all(
+        p.dtype == torch.float32 for n, p in peft_model.named_parameters() if "lora_" in n
+    )  # 4 bytes each, as planned
 
 
 def test_reward_shape_has_a_one_output_head_and_no_vocab_term():
     shape = plan.shape_of_config(small_configs()["llama"], head="reward")
     assert shape.head == shape.hidden  # score: hidden -> 1
-    setup = plan.Setup(kind="reward", head="reward", weight_bytes=2, act_bytes=2, quantization="none", quant_double=True,
-                       lora=None, checkpointing=True, sequences=4, length=128)
+    setup = plan.Setup(
+        kind="reward",
+        head="reward",
+        weight_bytes=2,
+        act_bytes=2,
+        quantization="none",
+        quant_double=True,
+        lora=None,
+        checkpointing=True,
+        sequences=4,
+        length=128,
+    )
     head = sum(plan.head_terms(shape, setup, head_trainable=True, fused=False).values())
     assert head < 4 * 128 * shape.vocab  # nothing sized by the vocabulary
 
@@ -84,15 +113,26 @@ def _plan(recipe_path, overrides, stage="sft", gpu="24GiB"):
 
 
 def test_llama8b_full_finetune_bf16_adamw_does_not_fit_24gib():
-    p = _plan(QLORA, [f"model.name_or_path={LLAMA8B}", "model.quantization=none", "lora=null", "stages.sft.train.optim=adamw_torch",
-                      "stages.sft.train.batch_size=1", "stages.sft.data.max_length=2048"])
+    p = _plan(
+        QLORA,
+        [
+            f"model.name_or_path={LLAMA8B}",
+            "model.quantization=none",
+            "lora=null",
+            "stages.sft.train.optim=adamw_torch",
+            "stages.sft.train.batch_size=1",
+            "stages.sft.data.max_length=2048",
+        ],
+    )
     assert p.peak_bytes >= 60 * GIB  # 2 (weights) + 2 (grads) + 4 (bf16 AdamW) bytes x 8.03B alone is 59.8 GiB
     assert p.fits is False
     assert p.suggestions and all(s["peak_bytes"] < p.peak_bytes for s in p.suggestions)
 
 
 def test_llama8b_qlora_r16_checkpointing_fits_24gib():
-    p = _plan(QLORA, [f"model.name_or_path={LLAMA8B}", "stages.sft.train.batch_size=1", "stages.sft.data.max_length=2048"])
+    p = _plan(
+        QLORA, [f"model.name_or_path={LLAMA8B}", "stages.sft.train.batch_size=1", "stages.sft.data.max_length=2048"]
+    )
     assert 6 * GIB <= p.peak_bytes <= 14 * GIB
     assert p.fits is True and not p.suggestions
 
@@ -119,7 +159,10 @@ def test_more_tokens_more_activations_and_checkpointing_saves():
 
 
 def test_sharding_divides_what_zero3_shards():
-    recipe = load_recipe(QLORA, [f"model.name_or_path={LLAMA8B}", "model.quantization=none", "lora=null", "stages.sft.train.optim=adamw_torch"])
+    recipe = load_recipe(
+        QLORA,
+        [f"model.name_or_path={LLAMA8B}", "model.quantization=none", "lora=null", "stages.sft.train.optim=adamw_torch"],
+    )
     one = plan.plan_stage(recipe, "sft", dist=plan.Distribution())
     zero3 = plan.plan_stage(recipe, "sft", dist=plan.read_launch(str(REPO / "launch" / "zero3.yaml"), 8))
     zero2 = plan.plan_stage(recipe, "sft", dist=plan.read_launch(str(REPO / "launch" / "zero2.yaml"), 8))
@@ -147,14 +190,20 @@ def test_generation_kv_cache_scales_with_n_and_length():
     assert kv(b) == pytest.approx(2 * kv(a), rel=0.01)
 
 
-@pytest.mark.parametrize("text,gib", [("24GiB", 24), ("24GB", 24), ("80G", 80), ("24", 24), ("16384MiB", 16), ("0.5 TB", 512)])
+@pytest.mark.parametrize(
+    "text,gib", [("24GiB", 24), ("24GB", 24), ("80G", 80), ("24", 24), ("16384MiB", 16), ("0.5 TB", 512)]
+)
 def test_gpu_memory_parsing(text, gib):
     assert plan.parse_gpu_memory(text) == gib * GIB
 
 
 def test_every_recipe_plans_with_a_verdict(capsys):
     # no Hub here: each real recipe plans with its architecture's config.json (Instruct has the base's shape)
-    local = {"llama3.1-8b-qlora.yaml": LLAMA8B, "qwen2.5-0.5b-full.yaml": QWEN05B, "qwen2.5-0.5b-instruct-chat.yaml": QWEN05B}
+    local = {
+        "llama3.1-8b-qlora.yaml": LLAMA8B,
+        "qwen2.5-0.5b-full.yaml": QWEN05B,
+        "qwen2.5-0.5b-instruct-chat.yaml": QWEN05B,
+    }
     for path in sorted((REPO / "recipes").rglob("*.yaml")):
         args = ["plan", str(path), "--gpu-memory", "24GiB"]
         if path.name in local:
@@ -179,7 +228,9 @@ def test_headline_is_one_line_with_a_verdict():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline", "plan", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "plan", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_bad_inputs_exit_2_with_a_message_naming_the_thing(tmp_path):

@@ -47,25 +47,49 @@ def bot(text):
 
 
 def test_explicit_text_pairs_keep_other_columns_as_meta(tmp_path):
-    pairs, stats = load(tmp_path, [
-        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "prompt_id": "p1", "chosen_score": 0.9,
-         "rejected_score": 0.1, "margin": 0.8, "instruction": "2+2?", "input": "", "answer": "4"},
-        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.", "prompt_id": "p2"},
-    ], format="explicit")
+    pairs, stats = load(
+        tmp_path,
+        [
+            {
+                "prompt": "2+2?",
+                "chosen": "4",
+                "rejected": "5",
+                "prompt_id": "p1",
+                "chosen_score": 0.9,
+                "rejected_score": 0.1,
+                "margin": 0.8,
+                "instruction": "2+2?",
+                "input": "",
+                "answer": "4",
+            },
+            {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.", "prompt_id": "p2"},
+        ],
+        format="explicit",
+    )
     assert stats["format"] == "explicit" and stats["rows"] == 2 and stats["pairs"] == 2 and stats["dropped"] == {}
     p = pairs[0]
     assert (p.prompt, p.chosen, p.rejected) == ("2+2?", "4", "5")
     assert p.where == f"{tmp_path / 'prefs.jsonl'} row 1 (line 1)"
-    assert p.meta == {"prompt_id": "p1", "chosen_score": 0.9, "rejected_score": 0.1, "margin": 0.8,
-                      "instruction": "2+2?", "input": "", "answer": "4"}
+    assert p.meta == {
+        "prompt_id": "p1",
+        "chosen_score": 0.9,
+        "rejected_score": 0.1,
+        "margin": 0.8,
+        "instruction": "2+2?",
+        "input": "",
+        "answer": "4",
+    }
     assert not p.conversational
     assert pair_to_record(p) == {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
 
 
 def test_explicit_with_message_prompt_becomes_conversational(tmp_path):
-    pairs, stats = load(tmp_path, [
-        {"prompt": [user("2+2?")], "chosen": "4", "rejected": "5", "prompt_id": "p1", "margin": 1.0},
-    ])
+    pairs, stats = load(
+        tmp_path,
+        [
+            {"prompt": [user("2+2?")], "chosen": "4", "rejected": "5", "prompt_id": "p1", "margin": 1.0},
+        ],
+    )
     assert stats["format"] == "explicit"
     p = pairs[0]
     assert p.conversational and p.prompt == [user("2+2?")]
@@ -81,7 +105,12 @@ def test_explicit_from_csv(tmp_path):
         w.writerow(["Say hi, politely", "Hello there.", "hi", "x"])
     pairs, stats = load_preference_pairs(read_file(path), "auto")
     assert stats["format"] == "explicit"
-    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected, pairs[0].meta) == ("Say hi, politely", "Hello there.", "hi", {"note": "x"})
+    assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected, pairs[0].meta) == (
+        "Say hi, politely",
+        "Hello there.",
+        "hi",
+        {"note": "x"},
+    )
     assert pairs[0].where.endswith("prefs.csv row 1 (line 2)")
 
 
@@ -100,13 +129,16 @@ def test_conversational_without_prompt_splits_at_the_final_assistant_message(tmp
 
 
 def test_conversational_with_prompt_column(tmp_path):
-    pairs, _ = load(tmp_path, [
-        {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]},
-        # the prompt repeated in front of each response is taken off
-        {"prompt": [user("3+3?")], "chosen": [user("3+3?"), bot("6")], "rejected": [user("3+3?"), bot("7")]},
-        # multi-message assistant turns are kept whole
-        {"prompt": [user("count")], "chosen": [bot("1"), bot("2")], "rejected": [bot("one")]},
-    ])
+    pairs, _ = load(
+        tmp_path,
+        [
+            {"prompt": [user("2+2?")], "chosen": [bot("4")], "rejected": [bot("5")]},
+            # the prompt repeated in front of each response is taken off
+            {"prompt": [user("3+3?")], "chosen": [user("3+3?"), bot("6")], "rejected": [user("3+3?"), bot("7")]},
+            # multi-message assistant turns are kept whole
+            {"prompt": [user("count")], "chosen": [bot("1"), bot("2")], "rejected": [bot("one")]},
+        ],
+    )
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
         ([user("2+2?")], [bot("4")], [bot("5")]),
         ([user("3+3?")], [bot("6")], [bot("7")]),
@@ -115,8 +147,18 @@ def test_conversational_with_prompt_column(tmp_path):
 
 
 def test_conversational_full_transcripts_with_text_prompt_column_ultrafeedback_style(tmp_path):
-    pairs, stats = load(tmp_path, [{"prompt": "2+2?", "prompt_id": "a", "chosen": [user("2+2?"), bot("4")],
-                                    "rejected": [user("2+2?"), bot("5")], "score_chosen": 9.0}])
+    pairs, stats = load(
+        tmp_path,
+        [
+            {
+                "prompt": "2+2?",
+                "prompt_id": "a",
+                "chosen": [user("2+2?"), bot("4")],
+                "rejected": [user("2+2?"), bot("5")],
+                "score_chosen": 9.0,
+            }
+        ],
+    )
     assert stats["format"] == "conversational"
     assert pairs[0].prompt == [user("2+2?")] and pairs[0].chosen == [bot("4")]
     assert pairs[0].meta == {"prompt": "2+2?", "prompt_id": "a", "score_chosen": 9.0}
@@ -167,8 +209,11 @@ def test_hh_multi_turn_splits_at_the_turn_not_the_character_prefix(tmp_path):
 
 
 def test_hh_custom_turn_markers(tmp_path):
-    pairs, _ = load(tmp_path, [{"chosen": "\n\nUser: hi\n\nBot: hey", "rejected": "\n\nUser: hi\n\nBot: no"}],
-                    turn_markers=("\n\nUser:", "\n\nBot:"))
+    pairs, _ = load(
+        tmp_path,
+        [{"chosen": "\n\nUser: hi\n\nBot: hey", "rejected": "\n\nUser: hi\n\nBot: no"}],
+        turn_markers=("\n\nUser:", "\n\nBot:"),
+    )
     assert (pairs[0].prompt, pairs[0].chosen, pairs[0].rejected) == ("\n\nUser: hi\n\nBot:", "hey", "no")
 
 
@@ -207,11 +252,14 @@ RANKED = [
 ]
 
 
-@pytest.mark.parametrize("strategy, expected, ties", [
-    ("best_vs_worst", [("a", "b")], 0 + 1),  # only the all-tied row counts
-    ("best_vs_each", [("a", "b"), ("a", "d")], 1 + 1),  # c ties with the best
-    ("all_pairs", [("a", "b"), ("a", "d"), ("c", "b"), ("d", "b"), ("c", "d")], 1 + 1),  # (a, c) tied
-])
+@pytest.mark.parametrize(
+    "strategy, expected, ties",
+    [
+        ("best_vs_worst", [("a", "b")], 0 + 1),  # only the all-tied row counts
+        ("best_vs_each", [("a", "b"), ("a", "d")], 1 + 1),  # c ties with the best
+        ("all_pairs", [("a", "b"), ("a", "d"), ("c", "b"), ("d", "b"), ("c", "d")], 1 + 1),  # (a, c) tied
+    ],
+)
 def test_ranked_strategies_skip_and_count_ties(tmp_path, strategy, expected, ties):
     pairs, stats = load(tmp_path, RANKED, ranked_strategy=strategy)
     assert stats["format"] == "ranked" and stats["ranked_strategy"] == strategy
@@ -233,14 +281,17 @@ def test_ranked_with_message_prompt_and_all_tied_file(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("row, fmt", [
-    ({"prompt": "p", "chosen": "a", "rejected": "b"}, "explicit"),
-    ({"prompt": [user("p")], "chosen": "a", "rejected": "b"}, "explicit"),
-    ({"chosen": [user("p"), bot("a")], "rejected": [user("p"), bot("b")]}, "conversational"),
-    ({"prompt": [user("p")], "chosen": [bot("a")], "rejected": [bot("b")]}, "conversational"),
-    ({"chosen": f"{H} p{A} a", "rejected": f"{H} p{A} b"}, "implicit"),
-    ({"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}, "ranked"),
-])
+@pytest.mark.parametrize(
+    "row, fmt",
+    [
+        ({"prompt": "p", "chosen": "a", "rejected": "b"}, "explicit"),
+        ({"prompt": [user("p")], "chosen": "a", "rejected": "b"}, "explicit"),
+        ({"chosen": [user("p"), bot("a")], "rejected": [user("p"), bot("b")]}, "conversational"),
+        ({"prompt": [user("p")], "chosen": [bot("a")], "rejected": [bot("b")]}, "conversational"),
+        ({"chosen": f"{H} p{A} a", "rejected": f"{H} p{A} b"}, "implicit"),
+        ({"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}, "ranked"),
+    ],
+)
 def test_auto_detection(row, fmt):
     assert detect_preference_format(Rows("mem", [row], ["row 1"]), "auto") == fmt
 
@@ -297,34 +348,70 @@ GOOD_RANKED = {"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}
 
 BAD_FILES = {
     "missing_rejected": ([GOOD_EXPLICIT, {"prompt": "p", "chosen": "a"}], "'rejected' is missing"),
-    "chosen_not_string": ([GOOD_EXPLICIT, {"prompt": "p", "chosen": 42, "rejected": "b"}], "'chosen' must be a string, got int"),
-    "chosen_list_in_explicit": ([GOOD_EXPLICIT, {"prompt": "p", "chosen": [bot("a")], "rejected": "b"}], "use format conversational"),
+    "chosen_not_string": (
+        [GOOD_EXPLICIT, {"prompt": "p", "chosen": 42, "rejected": "b"}],
+        "'chosen' must be a string, got int",
+    ),
+    "chosen_list_in_explicit": (
+        [GOOD_EXPLICIT, {"prompt": "p", "chosen": [bot("a")], "rejected": "b"}],
+        "use format conversational",
+    ),
     "empty_prompt": ([GOOD_EXPLICIT, {"prompt": "  ", "chosen": "a", "rejected": "b"}], "'prompt' is empty"),
-    "empty_messages": ([GOOD_CONV, {"chosen": [], "rejected": [user("p"), bot("b")]}], "'chosen' is an empty message list"),
-    "bad_role": ([GOOD_CONV, {"chosen": [{"role": "human", "content": "p"}, bot("a")], "rejected": [user("p"), bot("b")]}],
-                 "chosen[0].role is 'human'; expected one of system, user, assistant"),
+    "empty_messages": (
+        [GOOD_CONV, {"chosen": [], "rejected": [user("p"), bot("b")]}],
+        "'chosen' is an empty message list",
+    ),
+    "bad_role": (
+        [GOOD_CONV, {"chosen": [{"role": "human", "content": "p"}, bot("a")], "rejected": [user("p"), bot("b")]}],
+        "chosen[0].role is 'human'; expected one of system, user, assistant",
+    ),
     # ShareGPT {from, value} turns are read as roles: this chosen is a lone human turn
-    "sharegpt_messages": ([GOOD_CONV, {"chosen": [{"from": "human", "value": "p"}], "rejected": [user("p"), bot("b")]}],
-                          "the last message of 'chosen' must be the assistant's (role is 'user')"),
-    "last_not_assistant": ([GOOD_CONV, {"chosen": [user("p"), bot("a"), user("more")], "rejected": [user("p"), bot("b")]}],
-                           "the last message of 'chosen' must be the assistant's"),
-    "chosen_string_in_conversational": ([GOOD_CONV, {"chosen": "a", "rejected": [user("p"), bot("b")]}],
-                                        "'chosen' must be a list of {role, content} messages, got str"),
-    "only_assistant_no_prompt": ([GOOD_CONV, {"chosen": [bot("a")], "rejected": [bot("b")]}], "only assistant messages"),
-    "prompt_mismatch": ([GOOD_CONV, {"chosen": [user("p"), bot("a")], "rejected": [user("q"), bot("b")]}], "prompt mismatch"),
-    "unsplittable_hh": ([GOOD_HH, {"chosen": f"{H} p", "rejected": f"{H} p{A} b"}], "'chosen' has no '\\n\\nAssistant:' turn"),
+    "sharegpt_messages": (
+        [GOOD_CONV, {"chosen": [{"from": "human", "value": "p"}], "rejected": [user("p"), bot("b")]}],
+        "the last message of 'chosen' must be the assistant's (role is 'user')",
+    ),
+    "last_not_assistant": (
+        [GOOD_CONV, {"chosen": [user("p"), bot("a"), user("more")], "rejected": [user("p"), bot("b")]}],
+        "the last message of 'chosen' must be the assistant's",
+    ),
+    "chosen_string_in_conversational": (
+        [GOOD_CONV, {"chosen": "a", "rejected": [user("p"), bot("b")]}],
+        "'chosen' must be a list of {role, content} messages, got str",
+    ),
+    "only_assistant_no_prompt": (
+        [GOOD_CONV, {"chosen": [bot("a")], "rejected": [bot("b")]}],
+        "only assistant messages",
+    ),
+    "prompt_mismatch": (
+        [GOOD_CONV, {"chosen": [user("p"), bot("a")], "rejected": [user("q"), bot("b")]}],
+        "prompt mismatch",
+    ),
+    "unsplittable_hh": (
+        [GOOD_HH, {"chosen": f"{H} p", "rejected": f"{H} p{A} b"}],
+        "'chosen' has no '\\n\\nAssistant:' turn",
+    ),
     "hh_chosen_not_string": ([GOOD_HH, {"chosen": None, "rejected": f"{H} p{A} b"}], "'chosen' is missing"),
-    "ranked_length_mismatch": ([GOOD_RANKED, {"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 0]}],
-                               "'responses' has 3 items but 'scores' has 2"),
-    "ranked_non_numeric_score": ([GOOD_RANKED, {"prompt": "p", "responses": ["a", "b"], "scores": [1, "high"]}],
-                                 "scores[1] must be a finite number, got str"),
-    "ranked_nan_score": ([GOOD_RANKED, {"prompt": "p", "responses": ["a", "b"], "scores": [1, float("nan")]}],
-                         "scores[1] must be a finite number"),
+    "ranked_length_mismatch": (
+        [GOOD_RANKED, {"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 0]}],
+        "'responses' has 3 items but 'scores' has 2",
+    ),
+    "ranked_non_numeric_score": (
+        [GOOD_RANKED, {"prompt": "p", "responses": ["a", "b"], "scores": [1, "high"]}],
+        "scores[1] must be a finite number, got str",
+    ),
+    "ranked_nan_score": (
+        [GOOD_RANKED, {"prompt": "p", "responses": ["a", "b"], "scores": [1, float("nan")]}],
+        "scores[1] must be a finite number",
+    ),
     "ranked_too_few": ([GOOD_RANKED, {"prompt": "p", "responses": ["a"], "scores": [1]}], "a ranking needs at least 2"),
-    "ranked_responses_not_list": ([GOOD_RANKED, {"prompt": "p", "responses": "a|b", "scores": [1, 0]}],
-                                  "'responses' must be a list of strings, got str"),
-    "mixed_shapes": ([GOOD_EXPLICIT, {"prompt": [user("p")], "chosen": "a", "rejected": "b"}],
-                     "this row is conversational but {file} row 1 (line 1) is text"),
+    "ranked_responses_not_list": (
+        [GOOD_RANKED, {"prompt": "p", "responses": "a|b", "scores": [1, 0]}],
+        "'responses' must be a list of strings, got str",
+    ),
+    "mixed_shapes": (
+        [GOOD_EXPLICIT, {"prompt": [user("p")], "chosen": "a", "rejected": "b"}],
+        "this row is conversational but {file} row 1 (line 1) is text",
+    ),
 }
 
 
@@ -429,16 +516,23 @@ def test_lint_with_nothing_left_is_an_error():
 
 
 def test_loaded_hh_pairs_lint_and_convert_end_to_end(tmp_path):
-    pairs, _ = load(tmp_path, [
-        {"chosen": f"{H} hi{A} hello", "rejected": f"{H} hi{A} hello"},
-        {"chosen": f"{H} 2+2?{A} 4", "rejected": f"{H} 2+2?{A} 5"},
-    ])
+    pairs, _ = load(
+        tmp_path,
+        [
+            {"chosen": f"{H} hi{A} hello", "rejected": f"{H} hi{A} hello"},
+            {"chosen": f"{H} 2+2?{A} 4", "rejected": f"{H} 2+2?{A} 5"},
+        ],
+    )
     kept, report = lint_pairs(pairs)
-    assert report["problems"]["identical"] == 1 and report["examples"]["identical"] == [f"{tmp_path / 'prefs.jsonl'} row 1 (line 1)"]
+    assert report["problems"]["identical"] == 1 and report["examples"]["identical"] == [
+        f"{tmp_path / 'prefs.jsonl'} row 1 (line 1)"
+    ]
     assert [pair_to_record(p) for p in kept] == [{"prompt": f"{H} 2+2?{A}", "chosen": " 4", "rejected": " 5"}]
 
 
 def test_module_does_not_import_torch():
     code = "import sys, pipeline.data.preference; assert 'torch' not in sys.modules, 'torch imported'"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__))
+    )
     assert out.returncode == 0, out.stderr

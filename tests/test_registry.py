@@ -12,13 +12,14 @@ from typing import Any, ClassVar, Literal
 import pytest
 from pydantic import Field
 
-from conftest import BASE_RECIPE, REPO, merge
 from pipeline import report, runner, stages
 from pipeline.config import DataSource, StageConfig, recipe_from_dict
 from pipeline.context import StageContext
 from pipeline.data.sources import read_source
 from pipeline.errors import RecipeError
 from pipeline.fileio import write_json_atomic
+
+from conftest import BASE_RECIPE, REPO, merge
 
 
 class WordCountStage(StageConfig):
@@ -44,7 +45,9 @@ def run_wordcount(ctx: StageContext[WordCountStage]) -> dict[str, Any]:
 @pytest.fixture
 def wordcount_kind():
     kind = stages.register(
-        stages.StageKind(name="wordcount", config=WordCountStage, run=run_wordcount, outputs=("counts",), key_metrics=("words",))
+        stages.StageKind(
+            name="wordcount", config=WordCountStage, run=run_wordcount, outputs=("counts",), key_metrics=("words",)
+        )
     )
     yield kind
     stages.unregister("wordcount")
@@ -103,7 +106,9 @@ def test_builtin_kinds_come_from_their_modules_only():
         assert found[name].run.__module__ == f"pipeline.stages.{name}"
     out = subprocess.run(
         ["git", "grep", "-nE", r"\{\s*\"sft\"\s*:|\"sft\",\s*\"bon\",\s*\"reward\"", "--", "pipeline"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert out.stdout == "", f"a table of stage kinds outside the registry:\n{out.stdout}"
     assert sys.modules["pipeline.stages.sft"].KIND is found["sft"]

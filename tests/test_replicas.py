@@ -16,22 +16,84 @@ CONVERSATION = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assi
 
 # What each release does (bos added by tokenizer(text); bos written by the chat template; ...).
 EXPECTED = {
-    "llama3": dict(bos="<|begin_of_text|>", adds_bos=True, template_bos=True, eos="<|eot_id|>", pad=None,
-                   turn_end="<|eot_id|>", stops=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
-                   vocab_padded=False, tied=False, gqa=True, refuses_system=False),
-    "qwen2.5": dict(bos=None, adds_bos=False, template_bos=False, eos="<|endoftext|>", pad="<|endoftext|>",
-                    turn_end="<|im_end|>", stops=["<|endoftext|>"], vocab_padded=True, tied=True, gqa=True,
-                    refuses_system=False),
-    "qwen2.5-instruct": dict(bos=None, adds_bos=False, template_bos=False, eos="<|im_end|>", pad="<|endoftext|>",
-                             turn_end="<|im_end|>", stops=["<|im_end|>", "<|endoftext|>"], vocab_padded=True,
-                             tied=True, gqa=True, refuses_system=False),
-    "mistral": dict(bos="<s>", adds_bos=True, template_bos=True, eos="</s>", pad=None, turn_end="</s>",
-                    stops=["</s>"], vocab_padded=False, tied=False, gqa=True, refuses_system=False),
-    "gemma2": dict(bos="<bos>", adds_bos=True, template_bos=True, eos="<eos>", pad="<pad>", turn_end="<end_of_turn>",
-                   stops=["<eos>", "<end_of_turn>"], vocab_padded=False, tied=True, gqa=True, refuses_system=True),
-    "phi3": dict(bos="<s>", adds_bos=False, template_bos=False, eos="<|endoftext|>", pad="<|endoftext|>",
-                 turn_end="<|end|>", stops=["<|endoftext|>", "<|assistant|>", "<|end|>"], vocab_padded=True,
-                 tied=False, gqa=False, refuses_system=False),
+    "llama3": dict(
+        bos="<|begin_of_text|>",
+        adds_bos=True,
+        template_bos=True,
+        eos="<|eot_id|>",
+        pad=None,
+        turn_end="<|eot_id|>",
+        stops=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        vocab_padded=False,
+        tied=False,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "qwen2.5": dict(
+        bos=None,
+        adds_bos=False,
+        template_bos=False,
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        turn_end="<|im_end|>",
+        stops=["<|endoftext|>"],
+        vocab_padded=True,
+        tied=True,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "qwen2.5-instruct": dict(
+        bos=None,
+        adds_bos=False,
+        template_bos=False,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        turn_end="<|im_end|>",
+        stops=["<|im_end|>", "<|endoftext|>"],
+        vocab_padded=True,
+        tied=True,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "mistral": dict(
+        bos="<s>",
+        adds_bos=True,
+        template_bos=True,
+        eos="</s>",
+        pad=None,
+        turn_end="</s>",
+        stops=["</s>"],
+        vocab_padded=False,
+        tied=False,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "gemma2": dict(
+        bos="<bos>",
+        adds_bos=True,
+        template_bos=True,
+        eos="<eos>",
+        pad="<pad>",
+        turn_end="<end_of_turn>",
+        stops=["<eos>", "<end_of_turn>"],
+        vocab_padded=False,
+        tied=True,
+        gqa=True,
+        refuses_system=True,
+    ),
+    "phi3": dict(
+        bos="<s>",
+        adds_bos=False,
+        template_bos=False,
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        turn_end="<|end|>",
+        stops=["<|endoftext|>", "<|assistant|>", "<|end|>"],
+        vocab_padded=True,
+        tied=False,
+        gqa=False,
+        refuses_system=False,
+    ),
 }
 STRICT_ALTERNATION = {"mistral", "gemma2"}
 
@@ -124,7 +186,9 @@ def test_model_structure_and_forward_pass(built):
     assert type(model).__name__ == replicas.FAMILIES[name].model_class
     assert (config.vocab_size > len(tok)) == want["vocab_padded"] and config.vocab_size >= len(tok)
     assert config.tie_word_embeddings == want["tied"]
-    assert (model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()) == want["tied"]
+    assert (model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()) == want[
+        "tied"
+    ]
     assert (config.num_key_value_heads < config.num_attention_heads) == want["gqa"]
     ids = torch.tensor([tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]])
     with torch.no_grad():
@@ -139,7 +203,9 @@ def test_loads_in_4bit_on_cpu(built):
 
     name, path, tok = built
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32
+    )
     linear = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     assert linear and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)  # every layer quantized
     ids = torch.tensor([tok("The answer is 5.")["input_ids"]])
@@ -151,8 +217,17 @@ def test_builds_are_deterministic(tmp_path):
     for name, family in replicas.FAMILIES.items():
         replicas.build(family, tmp_path / name / "a")
         replicas.build(family, tmp_path / name / "b")
-        for file in ("tokenizer.json", "tokenizer_config.json", "model.safetensors", "config.json", "generation_config.json"):
-            assert (tmp_path / name / "a" / file).read_bytes() == (tmp_path / name / "b" / file).read_bytes(), (name, file)
+        for file in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+            "config.json",
+            "generation_config.json",
+        ):
+            assert (tmp_path / name / "a" / file).read_bytes() == (tmp_path / name / "b" / file).read_bytes(), (
+                name,
+                file,
+            )
 
 
 def test_builtin_ids_resolve_and_unknown_ones_list_the_known():

@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_cli
 from pipeline import modeling, runner
 from pipeline.config import load_recipe
 from pipeline.data.templates import alpaca_prompt
+
+from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +35,18 @@ def style_pairs(path: Path, n: int, noisy: bool = False, seed: int = 0) -> Path:
 
 
 def reward_recipe(make_recipe, pairs: Path, extra: dict | None = None) -> Path:
-    stage = {"kind": "reward", "data": {"train": {"path": str(pairs)}, "eval_fraction": 0.25, "max_length": 128},
-             "train": {"learning_rate": 1e-3, "max_steps": 30, "batch_size": 8, "logging_steps": 10, "save_steps": 30, "precision": "fp32"}}
+    stage = {
+        "kind": "reward",
+        "data": {"train": {"path": str(pairs)}, "eval_fraction": 0.25, "max_length": 128},
+        "train": {
+            "learning_rate": 1e-3,
+            "max_steps": 30,
+            "batch_size": 8,
+            "logging_steps": 10,
+            "save_steps": 30,
+            "precision": "fp32",
+        },
+    }
     raw = {"stages": {"reward": stage}}
     recipe = make_recipe(raw)
     data = yaml.safe_load(recipe.read_text())
@@ -67,8 +78,13 @@ def test_reward_model_learns_style_pairs_and_reports_length_bias(make_recipe, tm
 
 
 def test_4bit_lora_reward_model_trains_head_and_adapter_only(make_recipe, tmp_path, monkeypatch):
-    recipe = load_recipe(reward_recipe(make_recipe, style_pairs(tmp_path / "pairs.jsonl", 64),
-                                       {"model.quantization": "4bit", "lora": {"r": 8, "alpha": 16}}))
+    recipe = load_recipe(
+        reward_recipe(
+            make_recipe,
+            style_pairs(tmp_path / "pairs.jsonl", 64),
+            {"model.quantization": "4bit", "lora": {"r": 8, "alpha": 16}},
+        )
+    )
     captured = {}
     original = modeling.load_reward_model
 
@@ -97,8 +113,12 @@ def test_4bit_lora_reward_model_trains_head_and_adapter_only(make_recipe, tmp_pa
 
     scorer = reward_scorer(ctx, "reward")
     prompt = alpaca_prompt("What is the capital of the given country?", "France")
-    good, bad = scorer.score([{"prompt": prompt, "response": "The answer is Paris."},
-                              {"prompt": prompt, "response": "The answer is Paris. Anyway, whatever."}])
+    good, bad = scorer.score(
+        [
+            {"prompt": prompt, "response": "The answer is Paris."},
+            {"prompt": prompt, "response": "The answer is Paris. Anyway, whatever."},
+        ]
+    )
     assert good > bad
 
 
@@ -106,8 +126,11 @@ def test_quality_gate_fails_the_stage_and_stops_the_run(make_recipe, tmp_path):
     pairs = style_pairs(tmp_path / "noisy.jsonl", 80, noisy=True)
     recipe = reward_recipe(make_recipe, pairs, {"stages.reward.min_accuracy": 0.99})
     data = yaml.safe_load(recipe.read_text())
-    data["stages"]["after"] = {"kind": "sft", "data": {"train": {"path": str(REPO / "data/tiny/sft_eval.jsonl")}},
-                               "train": {"max_steps": 1, "precision": "fp32"}}
+    data["stages"]["after"] = {
+        "kind": "sft",
+        "data": {"train": {"path": str(REPO / "data/tiny/sft_eval.jsonl")}},
+        "train": {"max_steps": 1, "precision": "fp32"},
+    }
     recipe.write_text(yaml.safe_dump(data, sort_keys=False))
     run_dir = tmp_path / "run"
     out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
@@ -122,16 +145,20 @@ def test_quality_gate_fails_the_stage_and_stops_the_run(make_recipe, tmp_path):
 
 def test_reward_scorer_matches_how_the_trainer_tokenized_pairs(make_recipe, tmp_path):
     """The best-of-n scorer must score exactly the token sequence the reward model was trained on."""
-    from trl import RewardConfig, RewardTrainer
     import datasets
+    from trl import RewardConfig, RewardTrainer
 
     from pipeline.scoring import RewardModelScorer
 
     tok = modeling.load_tokenizer(load_recipe(make_recipe()).model)
     model = modeling.load_base(load_recipe(make_recipe()).model, head="reward")
     pair = {"prompt": alpaca_prompt("Add.", "2 and 3"), "chosen": "The answer is 5.", "rejected": "5"}
-    trainer = RewardTrainer(model=model, processing_class=tok, train_dataset=datasets.Dataset.from_list([pair]),
-                            args=RewardConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none"))
+    trainer = RewardTrainer(
+        model=model,
+        processing_class=tok,
+        train_dataset=datasets.Dataset.from_list([pair]),
+        args=RewardConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none"),
+    )
     trained_ids = trainer.train_dataset[0]["chosen_ids"]
     scorer = RewardModelScorer(model, tok, "rm")
     assert scorer.encode(pair["prompt"], pair["chosen"]) == list(trained_ids)
@@ -140,8 +167,13 @@ def test_reward_scorer_matches_how_the_trainer_tokenized_pairs(make_recipe, tmp_
 def test_reward_from_scores_best_of_n(policy_copy):
     recipe_path, run_dir = policy_copy
     raw = yaml.safe_load(Path(recipe_path).read_text())
-    raw["stages"]["reward"] = {"kind": "reward", "base_from": "sft", "pairs_from": "label", "data": {"eval_fraction": 0.2, "max_length": 128},
-                               "train": {"learning_rate": 1e-4, "max_steps": 20, "batch_size": 8, "save_steps": 20, "precision": "fp32"}}
+    raw["stages"]["reward"] = {
+        "kind": "reward",
+        "base_from": "sft",
+        "pairs_from": "label",
+        "data": {"eval_fraction": 0.2, "max_length": 128},
+        "train": {"learning_rate": 1e-4, "max_steps": 20, "batch_size": 8, "save_steps": 20, "precision": "fp32"},
+    }
     raw["stages"]["bon"] = {**raw["stages"]["label"], "scorer": {"reward_from": "reward", "batch_size": 32}}
     path = run_dir.parent / "with_rm.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from pipeline.selection import (
     checker_rates,
     degenerate_reason,
@@ -22,6 +21,8 @@ from pipeline.selection import (
     select_top_k_candidates,
     sft_row,
 )
+
+from conftest import REPO
 
 
 def cand(pid, idx, score, response=None, finish="eos", row=None, prompt=None):
@@ -143,10 +144,14 @@ def test_pair_chosen_best_rejected_worst_with_ties():
 
 def test_margin_filter_drops_and_counts():
     cs = [
-        cand("a", 0, 1.0), cand("a", 1, 0.0),   # margin 1.0
-        cand("b", 0, 0.6), cand("b", 1, 0.5),   # margin ~0.1
-        cand("c", 0, 0.75), cand("c", 1, 0.25),  # margin exactly 0.5 (0.7 - 0.2 is not)
-        cand("d", 0, 0.3), cand("d", 1, 0.3),   # equal
+        cand("a", 0, 1.0),
+        cand("a", 1, 0.0),  # margin 1.0
+        cand("b", 0, 0.6),
+        cand("b", 1, 0.5),  # margin ~0.1
+        cand("c", 0, 0.75),
+        cand("c", 1, 0.25),  # margin exactly 0.5 (0.7 - 0.2 is not)
+        cand("d", 0, 0.3),
+        cand("d", 1, 0.3),  # equal
     ]
     pairs, stats = select_pairs(cs, min_margin=0.5)
     assert [p["prompt_id"] for p in pairs] == ["a", "c"]
@@ -165,10 +170,15 @@ def test_margin_filter_drops_and_counts():
 
 def test_missing_samples_counted_but_used():
     cs = [
-        cand("full", 0, 0.1), cand("full", 1, 0.2), cand("full", 2, 0.3),
-        cand("gap", 0, 0.5), cand("gap", 2, 0.1),        # sample 1 missing
-        cand("short", 0, 0.4), cand("short", 1, 0.8),    # sample 2 missing
-        cand("noz", 1, 0.3), cand("noz", 2, 0.6),        # sample 0 missing
+        cand("full", 0, 0.1),
+        cand("full", 1, 0.2),
+        cand("full", 2, 0.3),
+        cand("gap", 0, 0.5),
+        cand("gap", 2, 0.1),  # sample 1 missing
+        cand("short", 0, 0.4),
+        cand("short", 1, 0.8),  # sample 2 missing
+        cand("noz", 1, 0.3),
+        cand("noz", 2, 0.6),  # sample 0 missing
     ]
     sel, stats = select_best_candidates(cs)
     assert stats["incomplete_prompts"] == 3
@@ -180,11 +190,11 @@ def test_missing_samples_counted_but_used():
 
 def test_degenerate_never_selected_and_counted_by_reason():
     cs = [
-        cand("p", 0, 99.0, response=""),                 # best score, but empty
+        cand("p", 0, 99.0, response=""),  # best score, but empty
         cand("p", 1, 50.0, response="cut", finish="length"),
         cand("p", 2, 0.3),
         cand("p", 3, 0.2),
-        cand("p", 4, -99.0, response="   "),             # worst score, but empty
+        cand("p", 4, -99.0, response="   "),  # worst score, but empty
         cand("p", 5, 0.1),
     ]
     sel, stats = select_best_candidates(cs)
@@ -253,9 +263,15 @@ def test_bool_scores():
 
 def test_top_k_with_min_score():
     cs = [
-        cand("a", 0, 0.9), cand("a", 1, 0.2), cand("a", 2, 0.7), cand("a", 3, 0.7),
-        cand("b", 0, 0.6), cand("b", 1, 0.1), cand("b", 2, 0.3),
-        cand("c", 0, 0.1), cand("c", 1, 0.2),
+        cand("a", 0, 0.9),
+        cand("a", 1, 0.2),
+        cand("a", 2, 0.7),
+        cand("a", 3, 0.7),
+        cand("b", 0, 0.6),
+        cand("b", 1, 0.1),
+        cand("b", 2, 0.3),
+        cand("c", 0, 0.1),
+        cand("c", 1, 0.2),
     ]
     sel, stats = select_top_k_candidates(cs, k=2, min_score=0.5)
     # a: 0.9 then the 0.7 tie -> lowest idx; b: only 0.6 qualifies; c: none
@@ -362,9 +378,12 @@ def test_checker_rates_known_numbers():
         return cand(pid, idx, float(good), response=resp, row=rows[pid], **kw)
 
     cs = [
-        c("a", 0, True), c("a", 1, False),    # first passes, best passes
-        c("b", 0, False), c("b", 1, True),    # first fails, best passes
-        c("c", 0, False), c("c", 1, False),   # nothing passes
+        c("a", 0, True),
+        c("a", 1, False),  # first passes, best passes
+        c("b", 0, False),
+        c("b", 1, True),  # first fails, best passes
+        c("c", 0, False),
+        c("c", 1, False),  # nothing passes
     ]
     best, _ = select_best_candidates(cs)
     rates = checker_rates(cs, best, _gold_check)

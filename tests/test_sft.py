@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import SHARED_DATA, run_cli
 from pipeline import modeling, runner
 from pipeline.config import load_recipe
+
+from conftest import SHARED_DATA, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +161,9 @@ def test_4bit_lora_gradients_survive_an_eval_forward(tiny_model_dir):
 
 def test_wandb_offline_logs_training_loss_and_never_the_key(make_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "sekrit-key-0123456789abcdef0123456789abcdef01234567")
-    recipe = make_recipe({"tracking": {"report_to": ["wandb"], "wandb": {"project": "pipeline-tests", "mode": "offline"}}})
+    recipe = make_recipe(
+        {"tracking": {"report_to": ["wandb"], "wandb": {"project": "pipeline-tests", "mode": "offline"}}}
+    )
     run_dir = tmp_path / "run"
     out = run_cli("run", str(recipe), "--stages", "sft", "--output-dir", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -188,9 +191,9 @@ def _logged(wandb_file: Path, key: str) -> list[float]:
         if block - pos % block < header:  # block trailer padding
             pos += block - pos % block
             continue
-        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
         kind = data[pos + 6]
-        payload = data[pos + header:pos + header + length]
+        payload = data[pos + header : pos + header + length]
         pos += header + length
         if kind == 0:
             continue
@@ -209,9 +212,21 @@ def _logged(wandb_file: Path, key: str) -> list[float]:
 
 @pytest.mark.skipif(not (SHARED_DATA / "alpaca_seed_tasks.json").is_file(), reason="../shared/data not present")
 def test_real_alpaca_seed_tasks_train_through_a_recipe(make_recipe, tmp_path):
-    recipe = make_recipe({"stages": {"sft": {"data": {
-        "train": {"path": str(SHARED_DATA / "alpaca_seed_tasks.json"), "limit": None},
-        "eval": None, "eval_fraction": 0.1, "max_length": 256, "overlength": "truncate"}}}})
+    recipe = make_recipe(
+        {
+            "stages": {
+                "sft": {
+                    "data": {
+                        "train": {"path": str(SHARED_DATA / "alpaca_seed_tasks.json"), "limit": None},
+                        "eval": None,
+                        "eval_fraction": 0.1,
+                        "max_length": 256,
+                        "overlength": "truncate",
+                    }
+                }
+            }
+        }
+    )
     run_dir = tmp_path / "run"
     out = run_cli("run", str(recipe), "--stages", "sft", "--output-dir", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -223,14 +238,42 @@ def test_real_alpaca_seed_tasks_train_through_a_recipe(make_recipe, tmp_path):
 
 
 def test_chat_template_sft_on_messages_data(make_recipe, tmp_path):
-    rows = [json.loads(line) for line in (Path(__file__).parent.parent / "data/tiny/sft_train.jsonl").read_text().splitlines()[:96]]
+    rows = [
+        json.loads(line)
+        for line in (Path(__file__).parent.parent / "data/tiny/sft_train.jsonl").read_text().splitlines()[:96]
+    ]
     messages = tmp_path / "chat.jsonl"
-    messages.write_text("".join(json.dumps({"messages": [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": f"{r['instruction']} {r['input']}".strip()},
-        {"role": "assistant", "content": r["output"]}]}) + "\n" for r in rows))
-    recipe = load_recipe(make_recipe({"stages": {"sft": {"data": {
-        "train": {"path": str(messages)}, "eval": None, "eval_fraction": 0.25, "template": "chat"}}}}))
+    messages.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": "Answer briefly."},
+                        {"role": "user", "content": f"{r['instruction']} {r['input']}".strip()},
+                        {"role": "assistant", "content": r["output"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    recipe = load_recipe(
+        make_recipe(
+            {
+                "stages": {
+                    "sft": {
+                        "data": {
+                            "train": {"path": str(messages)},
+                            "eval": None,
+                            "eval_fraction": 0.25,
+                            "template": "chat",
+                        }
+                    }
+                }
+            }
+        )
+    )
     ctx = runner.make_context(recipe, "sft", tmp_path / "run")
     ctx.is_main = False
     from pipeline.stages import sft

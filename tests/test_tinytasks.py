@@ -36,9 +36,10 @@ def test_row_schema_and_tasks():
         elif r["task"] == "word_count":
             assert 2 <= int(r["answer"]) <= 6
             sentence = r["input"] or r["instruction"]
-            assert any(len(s.split()) == int(r["answer"]) for s in
-                       [r["input"], sentence.split('"')[1] if '"' in sentence
-                        else sentence.split(": ", 1)[-1]])
+            assert any(
+                len(s.split()) == int(r["answer"])
+                for s in [r["input"], sentence.split('"')[1] if '"' in sentence else sentence.split(": ", 1)[-1]]
+            )
         elif r["task"] == "capital":
             assert r["answer"] in tt.CAPITALS.values() and r["answer"].isascii()
         else:
@@ -48,9 +49,13 @@ def test_row_schema_and_tasks():
 def test_shipped_files_match_fresh_generation(tmp_path):
     counts = tt.write_splits(tmp_path)
     assert counts == {name: n for name, (n, _, _) in tt.SPLITS.items()}
-    assert counts == {"sft_train.jsonl": 4000, "sft_eval.jsonl": 200,
-                      "prompts_label.jsonl": 1000, "prompts_bon.jsonl": 1000,
-                      "prompts_eval.jsonl": 400}
+    assert counts == {
+        "sft_train.jsonl": 4000,
+        "sft_eval.jsonl": 200,
+        "prompts_label.jsonl": 1000,
+        "prompts_bon.jsonl": 1000,
+        "prompts_eval.jsonl": 400,
+    }
     for name, n in counts.items():
         fresh = (tmp_path / name).read_bytes()
         assert (DATA / name).read_bytes() == fresh, name
@@ -75,8 +80,7 @@ def test_style_frequencies():
     for style, p in tt.STYLE_PROBS.items():
         tol = max(0.01, 4 * math.sqrt(p * (1 - p) / len(rows)))
         assert abs(styles[style] / len(rows) - p) < tol, (style, styles[style])
-    assert set(tt.STYLE_PROBS) == {"preferred", "chatter", "bare", "rude",
-                                   "repeat", "no_period", "lowercase"}
+    assert set(tt.STYLE_PROBS) == {"preferred", "chatter", "bare", "rude", "repeat", "no_period", "lowercase"}
     assert sum(tt.STYLE_PROBS.values()) == pytest.approx(1.0)
 
 
@@ -105,43 +109,49 @@ def test_prompt_outputs_preferred():
             assert tt.answer_correct(r, r["output"])
 
 
-@pytest.mark.parametrize("response, correct, pref, style", [
-    ("The answer is 8.", True, True, True),
-    ("  The answer is 8.\n", True, True, True),         # surrounding whitespace ok
-    ("The answer is 9.", False, False, True),           # wrong number, right style
-    ("The answer is 18.", False, False, True),          # not a prefix match
-    ("The answer is 8. Anyway, whatever.", True, False, False),  # chatter
-    ("the answer is 8.", True, False, False),           # lowercase
-    ("The answer is 8", True, False, False),            # missing period
-    ("The answer is 8. The answer is 8.", True, False, False),   # repetition
-    ("The answer is 8. The answer is 9.", True, False, False),   # first statement counts
-    ("8", True, False, False),                          # bare answer
-    ("8.", True, False, False),
-    ("9", False, False, False),
-    ("Ugh. The answer is 8.", True, False, False),      # rude prefix
-    ("Seriously? The answer is 9.", False, False, False),
-    ("The answer is: 8.", True, False, False),
-    ("The answer is", False, False, False),
-    ("", False, False, False),                          # empty response
-    ("   ", False, False, False),
-])
+@pytest.mark.parametrize(
+    "response, correct, pref, style",
+    [
+        ("The answer is 8.", True, True, True),
+        ("  The answer is 8.\n", True, True, True),  # surrounding whitespace ok
+        ("The answer is 9.", False, False, True),  # wrong number, right style
+        ("The answer is 18.", False, False, True),  # not a prefix match
+        ("The answer is 8. Anyway, whatever.", True, False, False),  # chatter
+        ("the answer is 8.", True, False, False),  # lowercase
+        ("The answer is 8", True, False, False),  # missing period
+        ("The answer is 8. The answer is 8.", True, False, False),  # repetition
+        ("The answer is 8. The answer is 9.", True, False, False),  # first statement counts
+        ("8", True, False, False),  # bare answer
+        ("8.", True, False, False),
+        ("9", False, False, False),
+        ("Ugh. The answer is 8.", True, False, False),  # rude prefix
+        ("Seriously? The answer is 9.", False, False, False),
+        ("The answer is: 8.", True, False, False),
+        ("The answer is", False, False, False),
+        ("", False, False, False),  # empty response
+        ("   ", False, False, False),
+    ],
+)
 def test_checkers_number(response, correct, pref, style):
     assert tt.answer_correct(ROW, response) is correct
     assert tt.preferred(ROW, response) is pref
     assert tt.preferred_style(ROW, response) is style
 
 
-@pytest.mark.parametrize("response, correct, pref, style", [
-    ("The answer is Paris.", True, True, True),
-    ("The answer is paris.", True, False, True),        # gold capitalisation required
-    ("the answer is paris.", True, False, False),
-    ("The answer is Rome.", False, False, True),
-    ("Paris", True, False, False),
-    ("Paris. Anyway, whatever.", True, False, False),
-    ('The answer is "Paris".', True, False, False),
-    ("The answer is Parisian.", False, False, True),
-    ("Obviously. The answer is Paris.", True, False, False),
-])
+@pytest.mark.parametrize(
+    "response, correct, pref, style",
+    [
+        ("The answer is Paris.", True, True, True),
+        ("The answer is paris.", True, False, True),  # gold capitalisation required
+        ("the answer is paris.", True, False, False),
+        ("The answer is Rome.", False, False, True),
+        ("Paris", True, False, False),
+        ("Paris. Anyway, whatever.", True, False, False),
+        ('The answer is "Paris".', True, False, False),
+        ("The answer is Parisian.", False, False, True),
+        ("Obviously. The answer is Paris.", True, False, False),
+    ],
+)
 def test_checkers_word(response, correct, pref, style):
     assert tt.answer_correct(CAP, response) is correct
     assert tt.preferred(CAP, response) is pref

@@ -7,12 +7,12 @@ import socket
 import time
 
 import pytest
-import yaml
 
-from conftest import run_cli
 from pipeline.config import load_recipe
 from pipeline.errors import PipelineError
 from pipeline.tracking import resolve_mode, tracked, unreachable
+
+from conftest import run_cli
 
 KEY = "sekrit-key-0123456789abcdef0123456789abcdef01234567"
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_cli
 from pipeline import report, yields
 from pipeline.artifacts import Manifest
 from pipeline.config import load_recipe
 from pipeline.context import StageContext
 from pipeline.errors import DataError
+
+from conftest import TINY, run_cli
 
 PROMPTS = 160
 
@@ -24,18 +25,46 @@ def candidates(truncated: int, n: int = 1) -> list[dict]:
     for p in range(PROMPTS):
         for i in range(n):
             k = p * n + i
-            out.append({"prompt_id": f"p{p}", "prompt": f"Q{p}", "sample_idx": i, "response": f"answer {k}",
-                        "score": float(k % 3), "finish_reason": "length" if k < truncated else "eos",
-                        "row": {"instruction": f"Q{p}", "input": ""}})
+            out.append(
+                {
+                    "prompt_id": f"p{p}",
+                    "prompt": f"Q{p}",
+                    "sample_idx": i,
+                    "response": f"answer {k}",
+                    "score": float(k % 3),
+                    "finish_reason": "length" if k < truncated else "eos",
+                    "row": {"instruction": f"Q{p}", "input": ""},
+                }
+            )
     return out
 
 
 def bon_context(make_recipe, tmp_path, select: dict | None = None) -> StageContext:
-    recipe = load_recipe(make_recipe({"stages": {"label": {
-        "kind": "bon", "policy_from": "sft", "prompts": {"path": str(TINY / "prompts_label.jsonl")}, "n": 1,
-        "max_new_tokens": 16, "scorer": {"checker": "pipeline.tinytasks:preferred"}, "select": select or {}}}}))
-    return StageContext(recipe=recipe, name="label", cfg=recipe.stages["label"], run_dir=tmp_path / "run",
-                        stage_dir=tmp_path / "run" / "label", seed=0)
+    recipe = load_recipe(
+        make_recipe(
+            {
+                "stages": {
+                    "label": {
+                        "kind": "bon",
+                        "policy_from": "sft",
+                        "prompts": {"path": str(TINY / "prompts_label.jsonl")},
+                        "n": 1,
+                        "max_new_tokens": 16,
+                        "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                        "select": select or {},
+                    }
+                }
+            }
+        )
+    )
+    return StageContext(
+        recipe=recipe,
+        name="label",
+        cfg=recipe.stages["label"],
+        run_dir=tmp_path / "run",
+        stage_dir=tmp_path / "run" / "label",
+        seed=0,
+    )
 
 
 def test_bon_keeping_few_prompts_warns_with_the_cause_and_the_fix(make_recipe, tmp_path, capsys):
@@ -91,23 +120,59 @@ def pairs_run(make_recipe, tmp_path, pair_rows: int, kind: str = "dpo"):
     from pipeline.tinymodel import tiny_model_path
 
     link = {"policy_from": "sft"} if kind == "dpo" else {"base_from": "sft"}
-    recipe_path = make_recipe({"stages": {
-        "label": {"kind": "bon", "policy_from": "sft", "prompts": {"path": str(TINY / "prompts_label.jsonl")},
-                  "scorer": {"checker": "pipeline.tinytasks:preferred"}},
-        kind: {"kind": kind, **link, "pairs_from": "label", "data": {"eval_fraction": 0}, "train": {"batch_size": 8}},
-    }})
+    recipe_path = make_recipe(
+        {
+            "stages": {
+                "label": {
+                    "kind": "bon",
+                    "policy_from": "sft",
+                    "prompts": {"path": str(TINY / "prompts_label.jsonl")},
+                    "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                },
+                kind: {
+                    "kind": kind,
+                    **link,
+                    "pairs_from": "label",
+                    "data": {"eval_fraction": 0},
+                    "train": {"batch_size": 8},
+                },
+            }
+        }
+    )
     recipe = load_recipe(recipe_path)
     run_dir = tmp_path / "run"
     pairs = run_dir / "label" / "pairs.jsonl"
     pairs.parent.mkdir(parents=True)
-    pairs.write_text("".join(json.dumps({"prompt": f"Q{i}", "chosen": "good answer", "rejected": f"bad {i}"}) + "\n"
-                             for i in range(pair_rows)))
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}", "chosen": "good answer", "rejected": f"bad {i}"}) + "\n"
+            for i in range(pair_rows)
+        )
+    )
     manifest = Manifest(run_dir)
-    manifest.update_stage(recipe, "sft", kind="sft", status="done", config_hash="s",
-                          outputs={"model": {"path": str(tiny_model_path()), "kind": "full"}}, metrics={})
-    said = ["[label] pairs.jsonl: kept 0 of 160 (0%); 160 prompts had every usable sample scored the same"] if not pair_rows else []
-    manifest.update_stage(recipe, "label", kind="bon", status="done", config_hash="l", outputs={"pairs": str(pairs)},
-                          metrics={"pairs": pair_rows, "select": {"pairs": {"selected": pair_rows}}, "warnings": said})
+    manifest.update_stage(
+        recipe,
+        "sft",
+        kind="sft",
+        status="done",
+        config_hash="s",
+        outputs={"model": {"path": str(tiny_model_path()), "kind": "full"}},
+        metrics={},
+    )
+    said = (
+        ["[label] pairs.jsonl: kept 0 of 160 (0%); 160 prompts had every usable sample scored the same"]
+        if not pair_rows
+        else []
+    )
+    manifest.update_stage(
+        recipe,
+        "label",
+        kind="bon",
+        status="done",
+        config_hash="l",
+        outputs={"pairs": str(pairs)},
+        metrics={"pairs": pair_rows, "select": {"pairs": {"selected": pair_rows}}, "warnings": said},
+    )
     return recipe_path, recipe, run_dir
 
 
@@ -122,7 +187,9 @@ def no_model_loads(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["dpo", "reward"])
-def test_zero_pairs_from_upstream_fail_naming_the_stage_before_any_model_loads(make_recipe, tmp_path, monkeypatch, kind):
+def test_zero_pairs_from_upstream_fail_naming_the_stage_before_any_model_loads(
+    make_recipe, tmp_path, monkeypatch, kind
+):
     from pipeline import runner
     from pipeline.stages import dpo, reward
 
@@ -143,9 +210,12 @@ def test_fewer_pairs_than_one_batch_fail_before_any_model_loads(make_recipe, tmp
 
     _, recipe, run_dir = pairs_run(make_recipe, tmp_path, 3)
     no_model_loads(monkeypatch)
-    with pytest.raises(DataError, match=r"stage 'dpo' has 3 preference pairs to train on, fewer than one batch "
-                                        r"\(stages\.dpo\.train\.batch_size=8\): its input is the 'pairs' output of stage 'label', "
-                                        r"which kept 3 pairs"):
+    with pytest.raises(
+        DataError,
+        match=r"stage 'dpo' has 3 preference pairs to train on, fewer than one batch "
+        r"\(stages\.dpo\.train\.batch_size=8\): its input is the 'pairs' output of stage 'label', "
+        r"which kept 3 pairs",
+    ):
         dpo.build_trainer(runner.make_context(recipe, "dpo", run_dir))
 
 
@@ -153,20 +223,33 @@ def test_sft_on_an_empty_best_of_n_output_fails_naming_it(make_recipe, tmp_path,
     from pipeline import runner
     from pipeline.stages import sft
 
-    recipe_path = make_recipe({"stages": {
-        "label": {"kind": "bon", "policy_from": "sft", "prompts": {"path": str(TINY / "prompts_label.jsonl")},
-                  "scorer": {"checker": "pipeline.tinytasks:preferred"}},
-        "rs_sft": {"kind": "sft", "data": {"train": {"from_stage": "label"}}},
-    }})
+    recipe_path = make_recipe(
+        {
+            "stages": {
+                "label": {
+                    "kind": "bon",
+                    "policy_from": "sft",
+                    "prompts": {"path": str(TINY / "prompts_label.jsonl")},
+                    "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                },
+                "rs_sft": {"kind": "sft", "data": {"train": {"from_stage": "label"}}},
+            }
+        }
+    )
     recipe = load_recipe(recipe_path)
     run_dir = tmp_path / "run"
     best = run_dir / "label" / "best.jsonl"
     best.parent.mkdir(parents=True)
     best.write_text("")
-    Manifest(run_dir).update_stage(recipe, "label", kind="bon", status="done", config_hash="l", outputs={"best": str(best)}, metrics={})
+    Manifest(run_dir).update_stage(
+        recipe, "label", kind="bon", status="done", config_hash="l", outputs={"best": str(best)}, metrics={}
+    )
     no_model_loads(monkeypatch)
-    with pytest.raises(DataError, match=r"stage 'rs_sft' has 0 training rows to train on: its input is the 'best' output "
-                                        r"of stage 'label', which kept 0 rows \(see label/metrics.json select.best\)"):
+    with pytest.raises(
+        DataError,
+        match=r"stage 'rs_sft' has 0 training rows to train on: its input is the 'best' output "
+        r"of stage 'label', which kept 0 rows \(see label/metrics.json select.best\)",
+    ):
         sft.build_trainer(runner.make_context(recipe, "rs_sft", run_dir))
 
 

@@ -53,7 +53,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             where = ".".join(parts[: depth + 1])
-            raise RecipeError(f"--set {item!r}: {where} is a value, not a section, so it has no key {parts[depth + 1]!r}")
+            raise RecipeError(
+                f"--set {item!r}: {where} is a value, not a section, so it has no key {parts[depth + 1]!r}"
+            )
         node = child
     node[parts[-1]] = value
 
@@ -151,7 +153,9 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
     if recipe.launch and not Path(recipe.launch).is_absolute():
         recipe = recipe.model_copy(update={"launch": str((base_dir / recipe.launch).resolve())})
     if recipe.launch and not Path(recipe.launch).is_file():
-        raise RecipeError(f"launch: accelerate config file not found: {recipe.launch} (relative paths are relative to the recipe file)")
+        raise RecipeError(
+            f"launch: accelerate config file not found: {recipe.launch} (relative paths are relative to the recipe file)"
+        )
     name = recipe.model.name_or_path
     if name.startswith((".", "/")) or (not name.startswith("builtin:") and (base_dir / name).is_dir()):
         local = Path(name) if Path(name).is_absolute() else (base_dir / name).resolve()
@@ -215,7 +219,7 @@ def _format_errors(exc: ValidationError, prefix: tuple[str, ...], model: type[Ba
         else:
             msg = err["msg"]
             if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
+                msg = msg[len("Value error, ") :]
             given = err.get("input")
             shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
             lines.append(f"{path or '(top level)'}: {msg}{shown}")

@@ -108,7 +108,7 @@ class TrackingConfig(Strict):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _none_alone(self) -> "TrackingConfig":
+    def _none_alone(self) -> TrackingConfig:
         if "none" in self.report_to and len(self.report_to) > 1:
             raise ValueError("report_to: 'none' cannot be combined with other trackers")
         return self
@@ -129,22 +129,35 @@ class DataSource(Strict):
     from_stage: str | None = Field(None, description="An earlier stage's output, e.g. the best-of-n stage's 'best'.")
     output: str | None = Field(None, description="Which output of from_stage: best (default) or pairs.")
     subset: str | None = Field(None, description="Hub dataset configuration name (load_dataset's 'name').")
-    data_dir: str | None = Field(None, description="Hub datasets: a folder of the dataset repo, e.g. helpful-base of Anthropic/hh-rlhf.")
+    data_dir: str | None = Field(
+        None, description="Hub datasets: a folder of the dataset repo, e.g. helpful-base of Anthropic/hh-rlhf."
+    )
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
-        None, description="Hub datasets: files (globs) of the dataset repo to read; a mapping names their splits.")
+        None, description="Hub datasets: files (globs) of the dataset repo to read; a mapping names their splits."
+    )
     split: str = Field("train", description="Any split name (train_prefs, test_sft) or slice (train[:1000]).")
     format: Literal[
-        "auto", "alpaca", "messages", "sharegpt", "prompt_completion", "prompts",  # instruction data and prompts
-        "explicit", "conversational", "implicit", "ranked",  # preference data
+        "auto",
+        "alpaca",
+        "messages",
+        "sharegpt",
+        "prompt_completion",
+        "prompts",  # instruction data and prompts
+        "explicit",
+        "conversational",
+        "implicit",
+        "ranked",  # preference data
     ] = "auto"
     # canonical name -> column name in the file, e.g. {instruction: question, output: answer}
     columns: dict[str, str] = {}
     limit: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _exactly_one_origin(self) -> "DataSource":
+    def _exactly_one_origin(self) -> DataSource:
         if sum(x is not None for x in (self.path, self.hub, self.from_stage)) != 1:
-            raise ValueError("give exactly one of 'path' (a local file), 'hub' (a dataset id) or 'from_stage' (an earlier stage)")
+            raise ValueError(
+                "give exactly one of 'path' (a local file), 'hub' (a dataset id) or 'from_stage' (an earlier stage)"
+            )
         if (self.data_dir is not None or self.data_files is not None) and self.hub is None:
             raise ValueError("'data_dir' and 'data_files' select files of a Hub dataset; they need 'hub'")
         if self.output is not None and self.from_stage is None:
@@ -152,9 +165,7 @@ class DataSource(Strict):
         if self.output is not None and self.output not in ("best", "pairs"):
             raise ValueError(f"output {self.output!r}: a best-of-n stage writes 'best' and 'pairs'")
         if self.path is not None and Path(self.path).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
-            raise ValueError(
-                f"path {self.path!r}: unsupported file type; use .json, .jsonl, .csv or .parquet"
-            )
+            raise ValueError(f"path {self.path!r}: unsupported file type; use .json, .jsonl, .csv or .parquet")
         return self
 
     def describe(self) -> str:
@@ -188,7 +199,9 @@ class PreferenceDataConfig(Strict):
     max_length: int = Field(512, gt=8)
     ranked_strategy: Literal["best_vs_worst", "best_vs_each", "all_pairs"] = "best_vs_worst"
     on_bad_row: Literal["error", "drop"] = "error"
-    lint: Literal["drop", "error"] = Field("drop", description="Identical, empty or over-long pairs: drop (counted) or error.")
+    lint: Literal["drop", "error"] = Field(
+        "drop", description="Identical, empty or over-long pairs: drop (counted) or error."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +308,9 @@ _FUNCTION_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 def function_ref(ref: str) -> str:
     """Validates a ``module:function`` reference (checkers, reward functions)."""
     if not _FUNCTION_REF.match(ref):
-        raise ValueError(f"{ref!r} is not module:function, e.g. 'pipeline.tinytasks:preferred' or 'mychecks:is_correct'")
+        raise ValueError(
+            f"{ref!r} is not module:function, e.g. 'pipeline.tinytasks:preferred' or 'mychecks:is_correct'"
+        )
     return ref
 
 
@@ -339,8 +354,6 @@ class Recipe(Strict):
 
     def output_path(self, override: str | None = None) -> Path:
         return Path(override or self.output_dir or f"runs/{self.name}").resolve()
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.data.sources import MAX_REPORTED, RowProblem, Rows, extra_columns, holdout_split, require_columns
 from pipeline.errors import DataError, RecipeError
@@ -164,8 +165,14 @@ def load_preference_pairs(
         raise RecipeError(f"turn_markers must be two non-empty strings (human, assistant), got {turn_markers!r}")
     fmt = detect_preference_format(rows, format)
     stats: dict[str, Any] = {
-        "source": rows.source, "format": fmt, "rows": len(rows), "pairs": 0, "skipped_ties": 0,
-        "split_failures": 0, "bad_rows": 0, "dropped": {},
+        "source": rows.source,
+        "format": fmt,
+        "rows": len(rows),
+        "pairs": 0,
+        "skipped_ties": 0,
+        "split_failures": 0,
+        "bad_rows": 0,
+        "dropped": {},
     }
     if fmt == "ranked":
         stats.update(ranked_strategy=ranked_strategy, rows_without_pairs=0)
@@ -261,7 +268,10 @@ def _string(row: dict, key: str, hint: str = "") -> str:
 def _messages(value: Any, key: str) -> list[dict[str, str]]:
     """Validate a message list; keep role and content only."""
     if not isinstance(value, list):
-        raise RowProblem(f"{key!r} must be a list of {{role, content}} messages, got {type(value).__name__} ({_short(value)})", "wrong_type")
+        raise RowProblem(
+            f"{key!r} must be a list of {{role, content}} messages, got {type(value).__name__} ({_short(value)})",
+            "wrong_type",
+        )
     if not value:
         raise RowProblem(f"{key!r} is an empty message list", "empty")
     from pipeline.data.sft import _sharegpt_message
@@ -270,7 +280,9 @@ def _messages(value: Any, key: str) -> list[dict[str, str]]:
     for j, msg in enumerate(value):
         msg = _sharegpt_message(msg)  # {"from": "human", "value": ...} turns are read as {"role": "user", ...}
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            hint = " (from/value messages: rename them to role/content)" if isinstance(msg, dict) and "from" in msg else ""
+            hint = (
+                " (from/value messages: rename them to role/content)" if isinstance(msg, dict) and "from" in msg else ""
+            )
             raise RowProblem(f"{key}[{j}] must be an object with 'role' and 'content'{hint}", "bad_message")
         if msg["role"] not in ROLES:
             raise RowProblem(f"{key}[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}", "bad_role")
@@ -293,7 +305,9 @@ def _prompt_value(row: dict) -> str | list[dict]:
         _check_prompt_messages(prompt, "'prompt'")
         return prompt
     if not isinstance(value, str):
-        raise RowProblem(f"'prompt' must be a string or a message list, got {type(value).__name__} ({_short(value)})", "wrong_type")
+        raise RowProblem(
+            f"'prompt' must be a string or a message list, got {type(value).__name__} ({_short(value)})", "wrong_type"
+        )
     if not value.strip():
         raise RowProblem("'prompt' is empty", "empty")
     return value
@@ -327,25 +341,43 @@ def _from_conversational(row: dict, where: str) -> PreferencePair:
             chosen, rejected = chosen[n:], rejected[n:]
         for key, side in (("chosen", chosen), ("rejected", rejected)):
             if side[0]["role"] != "assistant":
-                raise RowProblem(f"prompt mismatch: {key!r} starts with a {side[0]['role']} message that does not repeat the 'prompt' "
-                    "messages; give chosen/rejected as the assistant turn(s) only, or as full transcripts starting with the prompt", "prompt_mismatch")
+                raise RowProblem(
+                    f"prompt mismatch: {key!r} starts with a {side[0]['role']} message that does not repeat the 'prompt' "
+                    "messages; give chosen/rejected as the assistant turn(s) only, or as full transcripts starting with the prompt",
+                    "prompt_mismatch",
+                )
             if side[-1]["role"] != "assistant":
-                raise RowProblem(f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})", "bad_message")
+                raise RowProblem(
+                    f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})", "bad_message"
+                )
         return PreferencePair(prompt, chosen, rejected, where, extra_columns(row, ("prompt", "chosen", "rejected")))
     if prompt_col is not None and not isinstance(prompt_col, str):
-        raise RowProblem(f"'prompt' must be a message list (or absent), got {type(prompt_col).__name__} ({_short(prompt_col)})", "wrong_type")
+        raise RowProblem(
+            f"'prompt' must be a message list (or absent), got {type(prompt_col).__name__} ({_short(prompt_col)})",
+            "wrong_type",
+        )
     if all(m["role"] == "assistant" for m in chosen + rejected):
-        raise RowProblem("chosen and rejected hold only assistant messages, so the prompt must come from a 'prompt' column "
-            "holding a message list" + (" (this row's 'prompt' is text)" if isinstance(prompt_col, str) else ""), "missing")
+        raise RowProblem(
+            "chosen and rejected hold only assistant messages, so the prompt must come from a 'prompt' column "
+            "holding a message list" + (" (this row's 'prompt' is text)" if isinstance(prompt_col, str) else ""),
+            "missing",
+        )
     # Full transcripts: the prompt is everything before the final assistant message of each.
     for key, side in (("chosen", chosen), ("rejected", rejected)):
         if side[-1]["role"] != "assistant":
-            raise RowProblem(f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})", "bad_message")
+            raise RowProblem(
+                f"the last message of {key!r} must be the assistant's (role is {side[-1]['role']!r})", "bad_message"
+            )
     p_chosen, p_rejected = chosen[:-1], rejected[:-1]
     if p_chosen != p_rejected:
-        k = next((j for j, (a, b) in enumerate(zip(p_chosen, p_rejected)) if a != b), min(len(p_chosen), len(p_rejected)))
-        raise RowProblem(f"prompt mismatch: chosen and rejected differ at message {k} before their final assistant turn "
-            f"(chosen has {len(chosen)} messages, rejected {len(rejected)}); only the last assistant message may differ", "prompt_mismatch")
+        k = next(
+            (j for j, (a, b) in enumerate(zip(p_chosen, p_rejected)) if a != b), min(len(p_chosen), len(p_rejected))
+        )
+        raise RowProblem(
+            f"prompt mismatch: chosen and rejected differ at message {k} before their final assistant turn "
+            f"(chosen has {len(chosen)} messages, rejected {len(rejected)}); only the last assistant message may differ",
+            "prompt_mismatch",
+        )
     _check_prompt_messages(p_chosen, "the conversation before the final assistant message")
     # A text 'prompt' column beside full transcripts (e.g. UltraFeedback) is kept as metadata.
     meta = extra_columns(row, ("chosen", "rejected"))
@@ -363,13 +395,16 @@ def split_transcript(text: str, key: str = "text", turn_markers: tuple[str, str]
     idx = text.rfind(assistant)
     if idx < 0:
         raise RowProblem(f"{key!r} has no {assistant!r} turn, so the prompt cannot be split off", "unsplittable")
-    prompt, response = text[: idx + len(assistant)], text[idx + len(assistant):]
+    prompt, response = text[: idx + len(assistant)], text[idx + len(assistant) :]
     if human in response:
-        raise RowProblem(f"{key!r} ends with a {human!r} turn after its last {assistant!r} turn; the transcript must end with the assistant's reply", "unsplittable")
+        raise RowProblem(
+            f"{key!r} ends with a {human!r} turn after its last {assistant!r} turn; the transcript must end with the assistant's reply",
+            "unsplittable",
+        )
     if human not in prompt and not prompt.lstrip().startswith(human.strip()):
         raise RowProblem(f"{key!r} has no {human!r} turn before its final {assistant!r} turn", "unsplittable")
     lead = " " if response.startswith(" ") else ""
-    return prompt, response[len(lead):], lead
+    return prompt, response[len(lead) :], lead
 
 
 def _from_implicit(row: dict, where: str, human: str, assistant: str) -> PreferencePair:
@@ -379,9 +414,12 @@ def _from_implicit(row: dict, where: str, human: str, assistant: str) -> Prefere
     p_r, r_r, lead_r = split_transcript(rejected, "rejected", (human, assistant))
     if p_c != p_r:
         k = next((j for j, (a, b) in enumerate(zip(p_c, p_r)) if a != b), min(len(p_c), len(p_r)))
-        raise RowProblem(f"chosen and rejected differ before their final {assistant!r} turn (first at character {k}: "
-            f"chosen {p_c[max(0, k - 15):k + 15]!r} vs rejected {p_r[max(0, k - 15):k + 15]!r}); "
-            "only the last assistant reply may differ", "unsplittable")
+        raise RowProblem(
+            f"chosen and rejected differ before their final {assistant!r} turn (first at character {k}: "
+            f"chosen {p_c[max(0, k - 15) : k + 15]!r} vs rejected {p_r[max(0, k - 15) : k + 15]!r}); "
+            "only the last assistant reply may differ",
+            "unsplittable",
+        )
     return PreferencePair(p_c, r_c, r_r, where, extra_columns(row, ("chosen", "rejected")), (lead_c, lead_r))
 
 
@@ -393,13 +431,20 @@ def _from_ranked(row: dict, where: str, strategy: str) -> tuple[list[PreferenceP
     prompt = _prompt_value(row)
     responses, scores = _need(row, "responses"), _need(row, "scores")
     if not isinstance(responses, list):
-        raise RowProblem(f"'responses' must be a list of strings, got {type(responses).__name__} ({_short(responses)})", "wrong_type")
+        raise RowProblem(
+            f"'responses' must be a list of strings, got {type(responses).__name__} ({_short(responses)})", "wrong_type"
+        )
     if not isinstance(scores, list):
-        raise RowProblem(f"'scores' must be a list of numbers, got {type(scores).__name__} ({_short(scores)})", "wrong_type")
+        raise RowProblem(
+            f"'scores' must be a list of numbers, got {type(scores).__name__} ({_short(scores)})", "wrong_type"
+        )
     if len(responses) < 2:
         raise RowProblem(f"'responses' has {len(responses)} item(s); a ranking needs at least 2", "too_few_responses")
     if len(responses) != len(scores):
-        raise RowProblem(f"'responses' has {len(responses)} items but 'scores' has {len(scores)}; give one score per response", "length_mismatch")
+        raise RowProblem(
+            f"'responses' has {len(responses)} items but 'scores' has {len(scores)}; give one score per response",
+            "length_mismatch",
+        )
     for j, r in enumerate(responses):
         if not isinstance(r, str):
             raise RowProblem(f"responses[{j}] must be a string, got {type(r).__name__} ({_short(r)})", "wrong_type")
@@ -427,7 +472,14 @@ def _from_ranked(row: dict, where: str, strategy: str) -> tuple[list[PreferenceP
     meta = extra_columns(row, ("prompt", "responses", "scores"))
     pairs = []
     for c, r in order:
-        pair_meta = {**meta, "chosen_index": c, "rejected_index": r, "chosen_score": scores[c], "rejected_score": scores[r], "margin": scores[c] - scores[r]}
+        pair_meta = {
+            **meta,
+            "chosen_index": c,
+            "rejected_index": r,
+            "chosen_score": scores[c],
+            "rejected_score": scores[r],
+            "margin": scores[c] - scores[r],
+        }
         if isinstance(prompt, list):
             pairs.append(PreferencePair(prompt, _assistant(responses[c]), _assistant(responses[r]), where, pair_meta))
         else:
@@ -456,7 +508,9 @@ def _same(a: str | list[dict], b: str | list[dict]) -> bool:
     if isinstance(a, str) and isinstance(b, str):
         return a.strip() == b.strip()
     if isinstance(a, list) and isinstance(b, list):
-        return [(m.get("role"), (m.get("content") or "").strip()) for m in a] == [(m.get("role"), (m.get("content") or "").strip()) for m in b]
+        return [(m.get("role"), (m.get("content") or "").strip()) for m in a] == [
+            (m.get("role"), (m.get("content") or "").strip()) for m in b
+        ]
     return _content(a).strip() == _content(b).strip()
 
 
@@ -476,7 +530,7 @@ def lint_pairs(
     warning sign), duplicate and contradictory (same pair, both ways round) pair counts, and warnings.
     """
     check_prompt = count_tokens is not None and max_length is not None
-    counts: Counter = Counter({k: 0 for k in _FIXES})
+    counts: Counter = Counter(dict.fromkeys(_FIXES, 0))
     examples: dict[str, list[str]] = {k: [] for k in _FIXES}
     offending: list[str] = []
     kept: list[PreferencePair] = []
@@ -504,9 +558,16 @@ def lint_pairs(
             f"no preference pairs left after the pair checks: all {len(pairs)} were dropped "
             f"({', '.join(f'{k}: {n}' for k, n in counts.items() if n)}); first: {offending[0] if offending else '-'}"
         )
-    report = {"pairs": len(pairs), "kept": len(kept), "dropped": len(pairs) - len(kept), "action": action,
-              "problems": dict(counts), "examples": {k: v for k, v in examples.items() if v},
-              "prompt_length_checked": check_prompt, "max_length": max_length}
+    report = {
+        "pairs": len(pairs),
+        "kept": len(kept),
+        "dropped": len(pairs) - len(kept),
+        "action": action,
+        "problems": dict(counts),
+        "examples": {k: v for k, v in examples.items() if v},
+        "prompt_length_checked": check_prompt,
+        "max_length": max_length,
+    }
     report.update(_length_report(kept, count_tokens))
     return kept, report
 
@@ -530,7 +591,11 @@ def _length_report(kept: list[PreferencePair], count_tokens) -> dict[str, Any]:
     """Length statistics of each side, the length-bias fractions, duplicates, contradictions, warnings."""
 
     def length(pair: PreferencePair, side: Any) -> int:
-        return count_pair_tokens(count_tokens, pair, side, response=True) if count_tokens is not None else len(_content(side))
+        return (
+            count_pair_tokens(count_tokens, pair, side, response=True)
+            if count_tokens is not None
+            else len(_content(side))
+        )
 
     chosen_len = [length(p, p.chosen) for p in kept]
     rejected_len = [length(p, p.rejected) for p in kept]
@@ -603,7 +668,9 @@ def length_stats(values: list[int]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_pairs(train_source, eval_source, cfg, count_tokens=None, seed: int = 0) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def prepare_pairs(
+    train_source, eval_source, cfg, count_tokens=None, seed: int = 0
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Read, adapt, render, split and lint preference pairs.
 
     ``cfg`` is a PreferenceDataConfig; sources are already resolved to files or Hub ids. Returns TRL
@@ -624,7 +691,11 @@ def prepare_pairs(train_source, eval_source, cfg, count_tokens=None, seed: int =
         summary["eval_source"] = eval_stats
     else:
         train, held = holdout_split(train, cfg.eval_fraction, seed)
-    lint_kwargs = {"count_tokens": count_tokens, "max_length": cfg.max_length if count_tokens else None, "action": cfg.lint}
+    lint_kwargs = {
+        "count_tokens": count_tokens,
+        "max_length": cfg.max_length if count_tokens else None,
+        "action": cfg.lint,
+    }
     train, summary["train"] = lint_pairs(train, **lint_kwargs)
     if held:
         held, summary["eval"] = lint_pairs(held, **lint_kwargs)
@@ -641,7 +712,9 @@ def _rendered(pair: PreferencePair, template: str) -> PreferencePair:
         return pair
     prompt = render_prompt({"instruction": pair.prompt, "input": ""}, template)
     if template == "chat":
-        return replace(pair, prompt=prompt, chosen=_assistant(pair.chosen), rejected=_assistant(pair.rejected), lead=("", ""))
+        return replace(
+            pair, prompt=prompt, chosen=_assistant(pair.chosen), rejected=_assistant(pair.rejected), lead=("", "")
+        )
     return replace(pair, prompt=prompt)
 
 
@@ -653,5 +726,7 @@ def summary_line(name: str, summary: dict[str, Any]) -> str:
         if rep:
             reasons = ", ".join(f"{kind} {n}" for kind, n in rep.get("problems", {}).items() if n)
             parts.append(f"{split} {rep['kept']} pairs ({rep['dropped']} dropped{': ' + reasons if reasons else ''})")
-    warnings = list(dict.fromkeys(w for split in ("train", "eval") for w in (summary.get(split) or {}).get("warnings", [])))
+    warnings = list(
+        dict.fromkeys(w for split in ("train", "eval") for w in (summary.get(split) or {}).get("warnings", []))
+    )
     return f"[{name}] preference data: " + ", ".join(parts) + (f"; warnings: {'; '.join(warnings)}" if warnings else "")

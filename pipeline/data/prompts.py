@@ -56,7 +56,9 @@ def load_prompts(source, template: str) -> tuple[list[PromptRecord], dict[str, i
             records.append(PromptRecord(pid, prompt, row))
     if problems:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError(f"{len(problems)} bad prompt row(s) in {rows.source}:\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more)
+        raise DataError(
+            f"{len(problems)} bad prompt row(s) in {rows.source}:\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more
+        )
     return records, {"rows": len(rows), "prompts": len(records), "duplicates": len(rows) - len(records)}
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.data.sources import MAX_REPORTED, RowProblem, Rows, extra_columns, read_source, require_columns
 from pipeline.data.templates import render_prompt
@@ -23,8 +24,15 @@ REQUIRED = {
 }
 ROLES = ("system", "user", "assistant")
 # ShareGPT-style messages ({"from": "human", "value": ...}): their speaker names -> chat roles
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "model": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -65,8 +73,12 @@ def load_sft_examples(source, template: str) -> tuple[list[Example], str]:
             f"{rows.source}: conversational 'messages' data needs the tokenizer's chat template; "
             "set 'template: chat' in the stage's data settings"
         )
-    convert = {"alpaca": _from_alpaca, "messages": _from_messages, "sharegpt": _from_sharegpt,
-               "prompt_completion": _from_prompt_completion}[fmt]
+    convert = {
+        "alpaca": _from_alpaca,
+        "messages": _from_messages,
+        "sharegpt": _from_sharegpt,
+        "prompt_completion": _from_prompt_completion,
+    }[fmt]
     examples, problems = [], []
     for i, row in enumerate(rows.rows):
         try:
@@ -77,7 +89,8 @@ def load_sft_examples(source, template: str) -> tuple[list[Example], str]:
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
         raise DataError(
             f"{len(problems)} bad row(s) in {rows.source} (format {fmt}); fix or remove them:\n  "
-            + "\n  ".join(problems[:MAX_REPORTED]) + more
+            + "\n  ".join(problems[:MAX_REPORTED])
+            + more
         )
     return examples, fmt
 
@@ -107,7 +120,12 @@ def _from_alpaca(row: dict, template: str, where: str) -> Example:
 def _from_prompt_completion(row: dict, template: str, where: str) -> Example:
     prompt, completion = _text(row, "prompt"), _text(row, "completion")
     if template == "chat":
-        return Example([{"role": "user", "content": prompt}], [{"role": "assistant", "content": completion}], where, extra_columns(row, ("prompt", "completion")))
+        return Example(
+            [{"role": "user", "content": prompt}],
+            [{"role": "assistant", "content": completion}],
+            where,
+            extra_columns(row, ("prompt", "completion")),
+        )
     return Example(prompt, completion, where, extra_columns(row, ("prompt", "completion")))
 
 
@@ -119,7 +137,9 @@ def _from_messages(row: dict, template: str, where: str) -> Example:
     for j, msg in enumerate(messages):
         msg = _sharegpt_message(msg)
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise RowProblem(f"messages[{j}] must be an object with 'role' and 'content' (or ShareGPT's 'from' and 'value')")
+            raise RowProblem(
+                f"messages[{j}] must be an object with 'role' and 'content' (or ShareGPT's 'from' and 'value')"
+            )
         if msg["role"] not in ROLES:
             raise RowProblem(f"messages[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(msg["content"], str) or not msg["content"].strip():
@@ -141,7 +161,9 @@ def _sharegpt_message(msg):
 
 def _from_sharegpt(row: dict, template: str, where: str) -> Example:
     """ShareGPT rows: ``conversations`` holding {from, value} turns (human / gpt / system)."""
-    return _from_messages({**extra_columns(row, ("conversations",)), "messages": row.get("conversations")}, template, where)
+    return _from_messages(
+        {**extra_columns(row, ("conversations",)), "messages": row.get("conversations")}, template, where
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,4 +238,11 @@ def percentiles(values: list[int]) -> dict[str, float]:
     def pct(p: float) -> float:
         return float(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))])
 
-    return {"min": float(ordered[0]), "p50": pct(50), "p90": pct(90), "p99": pct(99), "max": float(ordered[-1]), "mean": round(statistics.fmean(ordered), 2)}
+    return {
+        "min": float(ordered[0]),
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "max": float(ordered[-1]),
+        "mean": round(statistics.fmean(ordered), 2),
+    }

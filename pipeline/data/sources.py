@@ -112,7 +112,11 @@ def _read_json(path: Path) -> Rows:
         data = next(iter(data.values()))  # {"data": [...]} style
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of objects (one per row), got {type(data).__name__}")
-    bad = [f"{path} row {i}: expected an object, got {type(obj).__name__}" for i, obj in enumerate(data, 1) if not isinstance(obj, dict)]
+    bad = [
+        f"{path} row {i}: expected an object, got {type(obj).__name__}"
+        for i, obj in enumerate(data, 1)
+        if not isinstance(obj, dict)
+    ]
     _raise_collected(bad, "every row must be a JSON object")
     return _non_empty(Rows(str(path), data, [f"row {i}" for i in range(1, len(data) + 1)]))
 
@@ -125,7 +129,9 @@ def _read_csv(path: Path) -> Rows:
         rows, where = [], []
         for row in reader:
             if None in row:
-                raise DataError(f"{path} line {reader.line_num}: more fields than the header has columns; quote values that contain commas")
+                raise DataError(
+                    f"{path} line {reader.line_num}: more fields than the header has columns; quote values that contain commas"
+                )
             rows.append(row)
             where.append(f"row {len(rows)} (line {reader.line_num})")
     return _non_empty(Rows(str(path), rows, where))
@@ -147,7 +153,9 @@ def _read_hub(src) -> Rows:
     name = src.describe()
     files = {"data_dir": src.data_dir, "data_files": src.data_files}
     try:
-        ds = datasets.load_dataset(src.hub, src.subset, split=src.split, **{k: v for k, v in files.items() if v is not None})
+        ds = datasets.load_dataset(
+            src.hub, src.subset, split=src.split, **{k: v for k, v in files.items() if v is not None}
+        )
     except Exception as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise DataError(

@@ -84,8 +84,10 @@ def cannot_load(what: str, source: str, exc: OSError) -> str:
     from pipeline.preflight import offline_advice
 
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    return (f"cannot load the {what} of {source!r} from the Hugging Face Hub: {first.strip()} Check the id and "
-            f"model.revision (a gated model needs `huggingface-cli login`). " + offline_advice(source))
+    return (
+        f"cannot load the {what} of {source!r} from the Hugging Face Hub: {first.strip()} Check the id and "
+        f"model.revision (a gated model needs `huggingface-cli login`). " + offline_advice(source)
+    )
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str = "right"):
@@ -93,7 +95,9 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str 
 
     source = path or resolve_name(cfg.name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=None if path else cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            source, revision=None if path else cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except OSError as exc:
         raise PipelineError(cannot_load("tokenizer", source, exc)) from None
     if tok.pad_token is None:
@@ -234,7 +238,9 @@ def load_policy(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None
     return model
 
 
-def load_reward_model(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None = None, work_dir: Path | None = None):
+def load_reward_model(
+    cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None = None, work_dir: Path | None = None
+):
     """(model, base): a sequence classifier with one output (a fresh score head) to train as a reward model,
     and the model directory a new adapter on it belongs to (None: the recipe's base model).
 
@@ -245,7 +251,11 @@ def load_reward_model(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef 
 
     path = None
     if init is not None:
-        path = init.path if init.kind == "full" else str(merge_to_full(init, cfg, (work_dir or Path(init.path).parent) / "merged_init"))
+        path = (
+            init.path
+            if init.kind == "full"
+            else str(merge_to_full(init, cfg, (work_dir or Path(init.path).parent) / "merged_init"))
+        )
     model = load_base(cfg, head="reward", path=path)
     if lora is not None:
         return add_lora(model, cfg, lora, task="SEQ_CLS"), path  # SEQ_CLS also trains the new score head

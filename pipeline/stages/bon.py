@@ -82,7 +82,7 @@ def run(ctx: StageContext[BonStage]) -> dict[str, Any]:
     prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
     checks = {name: load_function(ref, f"stages.{ctx.name}.report.{name}") for name, ref in cfg.report.items()}
 
-    shards = [prompts[i:i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
+    shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
     shard_dir = ctx.stage_dir / f"shards-{ctx.config_hash}"  # settings changed -> new shards, never stale ones
     mine = [k for k in range(len(shards)) if k % ctx.world_size == ctx.process_index]
     todo = [k for k in mine if not _complete(shard_path(shard_dir, k), shards[k], cfg.n)]
@@ -92,17 +92,24 @@ def run(ctx: StageContext[BonStage]) -> dict[str, Any]:
         return {}
 
     candidates = merge_shards(shard_dir, shards, cfg.n)
-    return finish(ctx, candidates, checks, {
-        **prompt_stats,
-        "n": cfg.n,
-        "shards": len(shards),
-        "shards_resumed": len(mine) - len(todo),
-        "generated_tokens": generated_tokens,
-        "tokens_per_s": round(generated_tokens / generation_s, 1) if generation_s else None,
-    })
+    return finish(
+        ctx,
+        candidates,
+        checks,
+        {
+            **prompt_stats,
+            "n": cfg.n,
+            "shards": len(shards),
+            "shards_resumed": len(mine) - len(todo),
+            "generated_tokens": generated_tokens,
+            "tokens_per_s": round(generated_tokens / generation_s, 1) if generation_s else None,
+        },
+    )
 
 
-def sample_shards(ctx: StageContext[BonStage], shards: list[list[PromptRecord]], todo: list[int], shard_dir: Path) -> tuple[int, float]:
+def sample_shards(
+    ctx: StageContext[BonStage], shards: list[list[PromptRecord]], todo: list[int], shard_dir: Path
+) -> tuple[int, float]:
     """Generate, score and write each shard in ``todo``; (tokens generated, seconds spent generating).
     Only called when a shard is left, so a rerun with every shard finished loads no model."""
     from pipeline import modeling
@@ -153,17 +160,25 @@ def merge_shards(shard_dir: Path, shards: list[list[PromptRecord]], n: int) -> l
     for k, prompts in enumerate(shards):
         path = shard_path(shard_dir, k)
         if not _complete(path, prompts, n):
-            raise PipelineError(f"shard {k} ({path}) is missing or incomplete after generation; rerun the stage to redo it")
+            raise PipelineError(
+                f"shard {k} ({path}) is missing or incomplete after generation; rerun the stage to redo it"
+            )
         candidates.extend(json.loads(line) for line in path.read_text().splitlines())
     return candidates
 
 
-def finish(ctx: StageContext[BonStage], candidates: list[dict], checks: dict, metrics: dict[str, Any]) -> dict[str, Any]:
+def finish(
+    ctx: StageContext[BonStage], candidates: list[dict], checks: dict, metrics: dict[str, Any]
+) -> dict[str, Any]:
     """Select, write the outputs, and compute the metrics (main process)."""
     sel = ctx.cfg.select
-    best_candidates, best_stats = selection.select_top_k_candidates(candidates, sel.top_k, sel.min_score, sel.keep_truncated)
+    best_candidates, best_stats = selection.select_top_k_candidates(
+        candidates, sel.top_k, sel.min_score, sel.keep_truncated
+    )
     pairs, pair_stats = selection.select_pair_candidates(candidates, sel.min_margin, sel.keep_truncated)
-    warnings = yields.bon_warnings(ctx.name, ctx.cfg, len({c["prompt_id"] for c in best_candidates}), len(pairs), best_stats, pair_stats)
+    warnings = yields.bon_warnings(
+        ctx.name, ctx.cfg, len({c["prompt_id"] for c in best_candidates}), len(pairs), best_stats, pair_stats
+    )
     if not best_candidates:
         raise PipelineError(
             f"best-of-n selected nothing from {len(candidates)} candidates ({json.dumps(best_stats['degenerate'])} degenerate, "
@@ -173,7 +188,9 @@ def finish(ctx: StageContext[BonStage], candidates: list[dict], checks: dict, me
     write_jsonl_atomic(out / "candidates.jsonl", candidates)
     write_jsonl_atomic(out / "best.jsonl", [selection.sft_row(c) for c in best_candidates])
     write_jsonl_atomic(out / "pairs.jsonl", [selection.pair_row(c, r) for c, r in pairs])
-    ctx.outputs.update(candidates=str(out / "candidates.jsonl"), best=str(out / "best.jsonl"), pairs=str(out / "pairs.jsonl"))
+    ctx.outputs.update(
+        candidates=str(out / "candidates.jsonl"), best=str(out / "best.jsonl"), pairs=str(out / "pairs.jsonl")
+    )
 
     scores = [c["score"] for c in candidates]
     metrics.update(
@@ -193,9 +210,16 @@ def finish(ctx: StageContext[BonStage], candidates: list[dict], checks: dict, me
 
 
 def _summary_line(name: str, m: dict[str, Any]) -> str:
-    checks = "; ".join(f"{k[7:]}: first {v['first_sample']:.2f}, best {v['best']:.2f}, pass@n {v['pass_at_n']:.2f}" for k, v in m.items() if k.startswith("checks."))
+    checks = "; ".join(
+        f"{k[7:]}: first {v['first_sample']:.2f}, best {v['best']:.2f}, pass@n {v['pass_at_n']:.2f}"
+        for k, v in m.items()
+        if k.startswith("checks.")
+    )
     speed = f", {m['tokens_per_s']:.0f} tok/s" if m.get("tokens_per_s") else ""
-    return f"[{name}] {m['prompts']} prompts x {m['n']} samples{speed}; best rows {m['best_rows']}, pairs {m['pairs']}" + (f"; {checks}" if checks else "")
+    return (
+        f"[{name}] {m['prompts']} prompts x {m['n']} samples{speed}; best rows {m['best_rows']}, pairs {m['pairs']}"
+        + (f"; {checks}" if checks else "")
+    )
 
 
 KIND = register(

@@ -19,10 +19,10 @@ from pipeline import compat, yields
 from pipeline.config.schema import PairsStageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs, summary_line
-from pipeline.yields import pair_warnings
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.fileio import write_json_atomic
 from pipeline.stages import StageKind, register
+from pipeline.yields import pair_warnings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ class DPOStage(PairsStageConfig):
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",), **PairsStageConfig.PAIR_SOURCES}
 
     kind: Literal["dpo"] = "dpo"
-    policy_from: str = Field(..., description="The sft stage whose model is the policy's start and the frozen reference.")
+    policy_from: str = Field(
+        ..., description="The sft stage whose model is the policy's start and the frozen reference."
+    )
     beta: float = Field(0.1, gt=0)
     loss_type: str | list[str] = Field("sigmoid", description="Any TRL DPO loss, or a list combined with loss_weights.")
     loss_weights: list[float] | None = None
@@ -116,8 +118,13 @@ def build_trainer(ctx: StageContext[DPOStage]):
         raise RecipeError(f"stages.{ctx.name}: TRL's DPOConfig refuses these settings: {exc}") from None
     setup = modeling.load_dpo_models(recipe.model, recipe.lora, policy, precompute=cfg.precompute_ref_log_probs)
     trainer = compat.length_grouped(compat.dpo_trainer_class())(
-        model=setup.model, ref_model=setup.ref_model, peft_config=setup.peft_config, args=args,
-        train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        model=setup.model,
+        ref_model=setup.ref_model,
+        peft_config=setup.peft_config,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
     )
     if setup.reference == "frozen sft adapter" and not compat.has_frozen_ref_adapter(trainer.model):
         # TRL falls back to the adapter-disabled base for some PEFT versions: that is not the SFT policy.
@@ -127,7 +134,9 @@ def build_trainer(ctx: StageContext[DPOStage]):
         )
     # Every 4-bit layer was patched at load; TRL builds no new ones. Anything patched here existed unpatched
     # through TRL's no-grad forwards (precompute) and may have lost its gradients: say so.
-    late = compat.fix_cpu_4bit(trainer.model) + (compat.fix_cpu_4bit(trainer.ref_model) if trainer.ref_model is not None else 0)
+    late = compat.fix_cpu_4bit(trainer.model) + (
+        compat.fix_cpu_4bit(trainer.ref_model) if trainer.ref_model is not None else 0
+    )
     if late:
         log.warning("%d 4-bit layer(s) were unpatched after DPOTrainer was built (CPU repack trap)", late)
     return trainer, summary, setup
@@ -143,8 +152,14 @@ def check_losses(cfg: DPOStage, stage: str) -> list[str]:
     if unknown:
         import difflib
 
-        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, n=1)) else "") for name in unknown]
-        raise RecipeError(f"stages.{stage}.loss_type: unknown DPO loss {', '.join(hints)}; TRL's DPO losses: {', '.join(known)}")
+        hints = [
+            f"{name!r}"
+            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, n=1)) else "")
+            for name in unknown
+        ]
+        raise RecipeError(
+            f"stages.{stage}.loss_type: unknown DPO loss {', '.join(hints)}; TRL's DPO losses: {', '.join(known)}"
+        )
     return losses
 
 
@@ -165,11 +180,17 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(summary_line(ctx.name, summary))
-    yields.check_training_rows(ctx, data.train, len(train_records), "preference pairs", "pairs")  # before the model loads
+    yields.check_training_rows(
+        ctx, data.train, len(train_records), "preference pairs", "pairs"
+    )  # before the model loads
     if ctx.cfg.precompute_ref_log_probs:  # on disk, where TRL's reference log-prob cache can find it again
 
         def to_ds(records):
-            return compat.file_backed_dataset(records, ctx.stage_dir / "ref_cache", ctx.is_main, ctx.wait) if records else None
+            return (
+                compat.file_backed_dataset(records, ctx.stage_dir / "ref_cache", ctx.is_main, ctx.wait)
+                if records
+                else None
+            )
     else:
         to_ds = training.to_dataset
     return to_ds(train_records), to_ds(eval_records), summary
@@ -198,11 +219,13 @@ def margins_series(history: list[dict]) -> dict[str, list[dict]]:
     """Reward margin and accuracy per logging step (train) and per evaluation (held-out)."""
     train = [
         {"step": h["step"], "margin": h["rewards/margins"], "accuracy": h.get("rewards/accuracies")}
-        for h in history if "rewards/margins" in h
+        for h in history
+        if "rewards/margins" in h
     ]
     heldout = [
         {"step": h["step"], "margin": h["eval_rewards/margins"], "accuracy": h.get("eval_rewards/accuracies")}
-        for h in history if "eval_rewards/margins" in h
+        for h in history
+        if "eval_rewards/margins" in h
     ]
     return {"train": train, "heldout": heldout}
 

@@ -39,7 +39,9 @@ class EvalStage(StageConfig):
     prompts: DataSource
     policies: list[str] = Field(..., min_length=1, description="Stages whose models are evaluated (greedy decoding).")
     reference: str = Field(..., description="The baseline policy for win rate and KL (usually the SFT stage).")
-    bon_from: str | None = Field(None, description="Also evaluate best-of-n as a selection policy, as this bon stage samples and scores.")
+    bon_from: str | None = Field(
+        None, description="Also evaluate best-of-n as a selection policy, as this bon stage samples and scores."
+    )
     reward_from: str | None = Field(None, description="Reward model for reward_mean and win rates.")
     # metric name -> module:function(row, response) -> bool, e.g. preference_pass, gold_accuracy
     checkers: dict[str, str] = {}
@@ -74,8 +76,15 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     names = [cfg.reference] + [n for n in cfg.policies if n != cfg.reference]
     for name in names:
         model = reference if name == cfg.reference else _load(ctx, name)
-        samples = generation.sample_responses(model, tokenizer, [p.prompt for p in prompts], n=1,
-                                              max_new_tokens=cfg.max_new_tokens, temperature=0, batch_size=cfg.batch_size)
+        samples = generation.sample_responses(
+            model,
+            tokenizer,
+            [p.prompt for p in prompts],
+            n=1,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=0,
+            batch_size=cfg.batch_size,
+        )
         texts = [generation.decode(tokenizer, s) for s in samples]
         responses[name] = texts
         metrics = _response_metrics(prompts, texts, [len(s.token_ids) for s in samples], checks)
@@ -87,8 +96,10 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
         elif name == cfg.reference:
             metrics["kl_to_ref"] = 0.0
         results[name] = metrics
-        rows.extend({"policy": name, "prompt_id": p.prompt_id, "response": t, **({"reward": rewards[name][i]} if rm else {})}
-                    for i, (p, t) in enumerate(zip(prompts, texts)))
+        rows.extend(
+            {"policy": name, "prompt_id": p.prompt_id, "response": t, **({"reward": rewards[name][i]} if rm else {})}
+            for i, (p, t) in enumerate(zip(prompts, texts))
+        )
         if model is not reference:
             del model
 
@@ -110,7 +121,12 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     write_jsonl_atomic(ctx.stage_dir / "responses.jsonl", rows)
     ctx.outputs.update(metrics=str(ctx.stage_dir / "metrics.json"), responses=str(ctx.stage_dir / "responses.jsonl"))
     if rewards:
-        path = plots.histogram(ctx.stage_dir / "reward_distribution.png", rewards, "reward-model score per policy (held-out prompts)", "reward")
+        path = plots.histogram(
+            ctx.stage_dir / "reward_distribution.png",
+            rewards,
+            "reward-model score per policy (held-out prompts)",
+            "reward",
+        )
         ctx.outputs["reward_distribution"] = str(path)
     ctx.say(text_table(policy_rows(report, first_samples=False)))
     return {"prompts": prompt_stats["prompts"], "policies": results}
@@ -130,7 +146,10 @@ def _load(ctx: StageContext[EvalStage], stage: str):
 
 
 def _response_metrics(prompts, texts: list[str], lengths: list[int], checks: dict) -> dict[str, Any]:
-    metrics = {name: round(statistics.fmean(bool(check(p.row, t)) for p, t in zip(prompts, texts)), 4) for name, check in checks.items()}
+    metrics = {
+        name: round(statistics.fmean(bool(check(p.row, t)) for p, t in zip(prompts, texts)), 4)
+        for name, check in checks.items()
+    }
     metrics["response_length"] = round(statistics.fmean(lengths), 2)
     return metrics
 
@@ -139,8 +158,16 @@ def _kl_estimate(policy, reference, tokenizer, prompts, prompt_ids, cfg: EvalSta
     """KL(policy || reference) ~ mean over policy samples of log p_policy(y|x) - log p_ref(y|x)."""
     from pipeline import generation
 
-    samples = generation.sample_responses(policy, tokenizer, [p.prompt for p in prompts], n=cfg.kl_samples,
-                                          max_new_tokens=cfg.max_new_tokens, temperature=1.0, batch_size=cfg.batch_size, seed=seed)
+    samples = generation.sample_responses(
+        policy,
+        tokenizer,
+        [p.prompt for p in prompts],
+        n=cfg.kl_samples,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=1.0,
+        batch_size=cfg.batch_size,
+        seed=seed,
+    )
     pids = [prompt_ids[s.prompt_index] for s in samples]
     cids = [s.token_ids for s in samples]
     lp_policy = generation.completion_logprobs(policy, pids, cids)
@@ -161,16 +188,24 @@ def _best_of_n(ctx: StageContext[EvalStage], prompts, checks, rm, loaded: dict):
     tokenizer = modeling.load_tokenizer(ctx.recipe.model, path=policy_ref.path, padding_side="left")
     model = loaded.get(bon.policy_from) or _load(ctx, bon.policy_from)
     candidates, _ = sample_candidates(model, tokenizer, prompts, bon, seed=ctx.seed)
-    scorer = rm if (bon.scorer.reward_from and rm is not None and bon.scorer.reward_from == ctx.cfg.reward_from) else build_scorer(bon.scorer, ctx)
+    scorer = (
+        rm
+        if (bon.scorer.reward_from and rm is not None and bon.scorer.reward_from == ctx.cfg.reward_from)
+        else build_scorer(bon.scorer, ctx)
+    )
     score_candidates(candidates, scorer)
     picked, _ = selection.select_best_candidates(candidates)
     by_prompt = {c["prompt_id"]: c for c in picked}
     first = {c["prompt_id"]: c for c in candidates if c["sample_idx"] == 0}
-    chosen = [by_prompt.get(p.prompt_id, first[p.prompt_id]) for p in prompts]  # no valid sample: fall back to the first
+    chosen = [
+        by_prompt.get(p.prompt_id, first[p.prompt_id]) for p in prompts
+    ]  # no valid sample: fall back to the first
     texts = [c["response"] for c in chosen]
     metrics = _response_metrics(prompts, texts, [c["n_tokens"] for c in chosen], checks)
     firsts = [first[p.prompt_id] for p in prompts]
-    metrics["first_sample"] = _response_metrics(prompts, [c["response"] for c in firsts], [c["n_tokens"] for c in firsts], checks)
+    metrics["first_sample"] = _response_metrics(
+        prompts, [c["response"] for c in firsts], [c["n_tokens"] for c in firsts], checks
+    )
     metrics["n"] = bon.n
     # Best-of-n's KL to its sampling policy is known in closed form: log n - (n - 1) / n.
     metrics["kl_to_ref"] = round(math.log(bon.n) - (bon.n - 1) / bon.n, 4)
@@ -183,4 +218,12 @@ def _best_of_n(ctx: StageContext[EvalStage], prompts, checks, rm, loaded: dict):
     return metrics, texts, rewards
 
 
-KIND = register(StageKind(name="eval", config=EvalStage, run=run, outputs=("metrics", "responses", "reward_distribution"), key_metrics=("prompts",)))
+KIND = register(
+    StageKind(
+        name="eval",
+        config=EvalStage,
+        run=run,
+        outputs=("metrics", "responses", "reward_distribution"),
+        key_metrics=("prompts",),
+    )
+)

@@ -28,7 +28,9 @@ class RewardStage(PairsStageConfig):
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"base_from": ("sft",), **PairsStageConfig.PAIR_SOURCES}
 
     kind: Literal["reward"] = "reward"
-    base_from: str | None = Field(None, description="Start from an sft stage's model (default: the recipe's base model).")
+    base_from: str | None = Field(
+        None, description="Start from an sft stage's model (default: the recipe's base model)."
+    )
     train: TrainConfig = TrainConfig()
     min_accuracy: float | None = Field(None, ge=0, le=1, description="Quality gate on held-out pairwise accuracy.")
 
@@ -59,8 +61,11 @@ def build_trainer(ctx: StageContext[RewardStage]):
     tokenizer = modeling.load_tokenizer(recipe.model, path=init.path if init else None)
     yields.check_upstream_output(ctx, cfg.data.train, "preference pairs", "pairs")
     train, held, summary = prepare_pairs(
-        ctx.resolve_source(cfg.data.train, "pairs"), ctx.resolve_source(cfg.data.eval, "pairs"), cfg.data,
-        count_tokens=partial(modeling.token_length, tokenizer), seed=ctx.seed,
+        ctx.resolve_source(cfg.data.train, "pairs"),
+        ctx.resolve_source(cfg.data.eval, "pairs"),
+        cfg.data,
+        count_tokens=partial(modeling.token_length, tokenizer),
+        seed=ctx.seed,
     )
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
@@ -68,12 +73,17 @@ def build_trainer(ctx: StageContext[RewardStage]):
     yields.check_training_rows(ctx, cfg.data.train, len(train), "preference pairs", "pairs")  # before the model loads
     quantized = recipe.model.quantization != "none"
     args = training.trl_args(
-        RewardConfig, ctx, max_length=cfg.data.max_length,
+        RewardConfig,
+        ctx,
+        max_length=cfg.data.max_length,
         precision=compat.KBIT_REWARD_PRECISION if quantized else None,
     )
     model, base = modeling.load_reward_model(recipe.model, recipe.lora, init=init, work_dir=ctx.stage_dir)
     trainer = compat.length_grouped(RewardTrainer)(
-        model=model, args=args, train_dataset=training.to_dataset(train), eval_dataset=training.to_dataset(held),
+        model=model,
+        args=args,
+        train_dataset=training.to_dataset(train),
+        eval_dataset=training.to_dataset(held),
         processing_class=tokenizer,
     )
     return trainer, tokenizer, held, base, summary
@@ -85,7 +95,10 @@ def check_gate(min_accuracy: float | None, metrics: dict[str, Any]) -> None:
         return
     accuracy = metrics.get("heldout_accuracy")
     if accuracy is None:
-        raise GateFailed("min_accuracy is set but there are no held-out pairs to measure it; set data.eval or data.eval_fraction", metrics)
+        raise GateFailed(
+            "min_accuracy is set but there are no held-out pairs to measure it; set data.eval or data.eval_fraction",
+            metrics,
+        )
     if accuracy < min_accuracy:
         raise GateFailed(
             f"quality gate: held-out pairwise accuracy {accuracy:.3f} is below min_accuracy {min_accuracy} "
@@ -97,6 +110,7 @@ def check_gate(min_accuracy: float | None, metrics: dict[str, Any]) -> None:
 
 def evaluate_pairs(scorer, tokenizer, pairs: list[dict], ctx: StageContext[RewardStage]) -> dict[str, Any]:
     """Held-out pairwise accuracy, margin, and length bias; writes rewards.jsonl-style stats and a histogram."""
+
     def text(side: Any) -> str:
         return side if isinstance(side, str) else " ".join(m["content"] for m in side)
 
@@ -125,8 +139,12 @@ def evaluate_pairs(scorer, tokenizer, pairs: list[dict], ctx: StageContext[Rewar
         "chosen_longer_fraction": round(sum(lc > lr for lc, lr in zip(lengths_c, lengths_r)) / len(pairs), 4),
     }
     if ctx.is_main:
-        path = plots.histogram(ctx.stage_dir / "reward_histogram.png", {"chosen": chosen, "rejected": rejected},
-                               f"{ctx.name}: held-out rewards (accuracy {metrics['heldout_accuracy']:.3f})", "reward")
+        path = plots.histogram(
+            ctx.stage_dir / "reward_histogram.png",
+            {"chosen": chosen, "rejected": rejected},
+            f"{ctx.name}: held-out rewards (accuracy {metrics['heldout_accuracy']:.3f})",
+            "reward",
+        )
         ctx.outputs["reward_histogram"] = str(path)
     return metrics
 

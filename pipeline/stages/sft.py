@@ -59,7 +59,9 @@ def build_trainer(ctx: StageContext[SFTStage]):
         packable=True,
     )
     model = modeling.load_policy(recipe.model, recipe.lora, init=init)
-    trainer = compat.length_grouped(SFTTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer)
+    trainer = compat.length_grouped(SFTTrainer)(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
+    )
     return trainer, summary
 
 
@@ -81,8 +83,13 @@ def prepare_data(ctx: StageContext[SFTStage], tokenizer):
         check_conversations(tokenizer, recipe_model_name(ctx), [(train, train_source.describe()), (evals, "eval data")])
     count = token_counter(tokenizer, data.template)
     train, train_report = apply_length_policy(train, count, data.max_length, data.overlength, train_source.describe())
-    summary: dict[str, Any] = {"format": fmt, "template": data.template, "max_length": data.max_length,
-                               "overlength": data.overlength, "train": train_report.as_dict()}
+    summary: dict[str, Any] = {
+        "format": fmt,
+        "template": data.template,
+        "max_length": data.max_length,
+        "overlength": data.overlength,
+        "train": train_report.as_dict(),
+    }
     if evals:
         source = eval_source.describe() if eval_source else f"{train_source.describe()} (held-out fraction)"
         evals, eval_report = apply_length_policy(evals, count, data.max_length, data.overlength, source)
@@ -135,7 +142,9 @@ def _ids(out) -> list[int]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"data: format {summary['format']}, template {summary['template']}, max_length {summary['max_length']} ({summary['overlength']})"]
+    lines = [
+        f"data: format {summary['format']}, template {summary['template']}, max_length {summary['max_length']} ({summary['overlength']})"
+    ]
     for split in ("train", "eval"):
         rep = summary.get(split)
         if not rep:
