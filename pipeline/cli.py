@@ -112,6 +112,11 @@ def _dispatch(args) -> int:
                 + "\n  ".join(missing)
             )
         _check_model(recipe, args.recipe)
+        from pipeline.preflight import data_problems
+
+        problems = data_problems(recipe)  # every local file read and checked row by row, as its stage will
+        if problems:
+            raise PipelineError(f"{args.recipe}: bad data:\n" + "\n".join(problems))
         print(recipe.resolved_yaml(), end="")
         print(
             f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr
@@ -129,23 +134,37 @@ def _dispatch(args) -> int:
         export(args.run_dir, args.stage, args.out_dir)
         return 0
 
-    import os
-
-    import torch
-
-    if not torch.cuda.is_available():
-        # DeepSpeed would otherwise warn on every import that it fell back to the CPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     recipe_path = args.recipe or default_recipe()
     recipe = load_recipe(recipe_path, args.overrides)
     run_dir = recipe.output_path(args.output_dir)
 
-    from pipeline import runner
-
     if args.command == "stage":
-        runner.run_stage(recipe, args.name, run_dir)
-        return 0
-    from pipeline import report
+        recipe.stage(args.name)  # an unknown name fails here
+        stages = [args.name]
+    else:
+        stages = _stages_to_run(args, recipe, recipe_path)
+    from pipeline.lock import run_dir_lock
+    from pipeline.tracking import check_online
+
+    check_online(recipe)  # mode: online and W&B unreachable: fail now, not minutes into a stage
+    from pipeline.preflight import hub_model_problem
+
+    problem = hub_model_problem(recipe)  # a Hub model that cannot be fetched: now, not after minutes of retries
+    if problem:
+        raise PipelineError(f"{recipe_path}: {problem}")
+
+    # checked before the lock is taken: a mistyped command creates no run directory
+    with run_dir_lock(run_dir, say=_note):
+        return _run_or_stage(args, recipe, recipe_path, run_dir, stages)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _stages_to_run(args, recipe, recipe_path) -> list[str]:
+    """The stages ``run`` will run, their data files and the model checked before anything heavy runs."""
+    from pipeline.config import missing_data_files
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(recipe.stages)
     for name in stages:
@@ -157,6 +176,23 @@ def _dispatch(args) -> int:
             + "\n  ".join(missing)
         )
     _check_model(recipe, recipe_path)
+    return stages
+
+
+def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -> int:
+    """``stage`` or ``run``, under the run directory's lock."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # DeepSpeed would otherwise warn on every import that it fell back to the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from pipeline import report, runner
+
+    if args.command == "stage":
+        runner.run_stage(recipe, args.name, run_dir)
+        return 0
     launch = runner.Launch(config=args.launch or recipe.launch, recipe_path=str(recipe_path), overrides=args.overrides)
     try:
         runner.run_pipeline(recipe, run_dir, stages, launch=launch)

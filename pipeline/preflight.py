@@ -8,6 +8,7 @@ here (that would download it); the stage checks the loaded tokenizer when it sta
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.config.schema import Recipe
@@ -84,3 +85,98 @@ def _cached_hub_files(repo_id: str, revision: str | None) -> dict[str, Path] | N
     if "tokenizer_config.json" not in found:
         return None
     return found
+
+
+HUB_URL = "https://huggingface.co"
+
+
+def offline_advice(name: str, what: str = "model") -> str:
+    if what == "model":
+        return (
+            f"To run offline: set model.name_or_path to a local directory, or download it once where there is a "
+            f"network (huggingface-cli download {name}) and run with HF_HUB_OFFLINE=1 to use the cache"
+        )
+    return (
+        "To run offline: download the data and use 'path:' in the recipe, or load it once where there is a network "
+        "and run with HF_HUB_OFFLINE=1 to use the datasets cache"
+    )
+
+
+def hub_model_problem(recipe: Recipe) -> str | None:
+    """The recipe's model is a Hub id that is not in the local cache and the Hub cannot be reached: say so now,
+    not after a minute of download retries inside the first stage. A short TCP probe; nothing is downloaded."""
+    from pipeline.tracking import unreachable
+
+    name = recipe.model.name_or_path
+    if name.startswith("builtin:") or Path(name).exists() or name.startswith((".", "/")):
+        return None
+    if _cached_hub_files(name, recipe.model.revision) is not None:
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return (
+            f"model.name_or_path: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+            + offline_advice(name)
+        )
+    endpoint = os.environ.get("HF_ENDPOINT") or HUB_URL
+    reason = unreachable(endpoint)
+    if reason is None:
+        return None
+    return (
+        f"model.name_or_path: {name} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be "
+        f"reached ({reason}). " + offline_advice(name)
+    )
+
+
+def data_problems(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
+    """Every local data file a stage reads, read and checked row by row as the stage will (``validate``).
+
+    Outputs of earlier stages and Hub datasets are checked by the stage that reads them. No torch: token
+    lengths are left to the stage."""
+    from pipeline.errors import PipelineError
+
+    problems = []
+    for name in stages or list(recipe.stages):
+        for check in _data_checks(recipe, name):
+            try:
+                check()
+            except PipelineError as exc:
+                problems.append(f"stages.{name}: {exc}")
+    return problems
+
+
+def _data_checks(recipe: Recipe, name: str) -> list:
+    """Callables that read and check each local source of stage ``name`` with its stage's loader."""
+    from pipeline.data.preference import prepare_pairs
+    from pipeline.data.prompts import load_prompts
+    from pipeline.data.sft import load_sft_examples
+
+    def local(source) -> bool:
+        return source is not None and source.path is not None
+
+    stage = recipe.stages[name]
+    data = getattr(stage, "data", None)
+    checks = []
+    if stage.kind == "sft":
+        checks += [lambda s=s: load_sft_examples(s, data.template) for s in (data.train, data.eval) if local(s)]
+    elif (
+        hasattr(stage, "pairs_from")
+        and data is not None
+        and local(data.train)
+        and (data.eval is None or local(data.eval))
+    ):
+        checks.append(lambda: prepare_pairs(data.train, data.eval, data))
+    prompts = getattr(stage, "prompts", None)
+    if local(prompts):
+        template = getattr(stage, "template", None) or _policy_template(
+            recipe, getattr(stage, "policy_from", None) or stage.reference
+        )
+        checks.append(lambda: load_prompts(prompts, template))
+    return checks
+
+
+def _policy_template(recipe: Recipe, stage: str) -> str:
+    """The template the policy of ``stage`` was trained with (following policy_from back to an sft stage)."""
+    cfg = recipe.stages.get(stage)
+    while cfg is not None and getattr(getattr(cfg, "data", None), "template", "none") in ("none", None):
+        cfg = recipe.stages.get(getattr(cfg, "policy_from", None) or "")
+    return cfg.data.template if cfg is not None else "alpaca"

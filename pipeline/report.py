@@ -15,7 +15,9 @@ def _key_metrics(kind: str) -> tuple[str, ...]:
     return found.key_metrics if found else ()
 
 
-def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
+def stage_rows(manifest: dict[str, Any], names: list[str], warnings_inline: bool = True) -> list[list[str]]:
+    """One row per stage. A stage's warnings (it kept little of its input) are written out in the row, or,
+    with ``warnings_inline=False`` (the console table), counted there and listed by ``warning_lines``."""
     rows = [["stage", "kind", "status", "time (s)", "key metrics"]]
     for name in names:
         entry = manifest["stages"].get(name, {})
@@ -28,6 +30,11 @@ def stage_rows(manifest: dict[str, Any], names: list[str]) -> list[list[str]]:
         for key, value in metrics.items():
             if key.startswith("checks.") and isinstance(value, dict):
                 shown.append(f"{key[7:]}: first {value['first_sample']:.2f} / best {value['best']:.2f}")
+        said = metrics.get("warnings") or []
+        if said:
+            shown.append(
+                "; ".join(f"WARNING {w}" for w in said) if warnings_inline else f"{len(said)} warning(s), below"
+            )
         if entry.get("status") == "failed":
             error = " ".join(str(entry.get("error", "")).split())  # one line: it sits in a table row
             shown = [f"error: {error[:400]}" + ("..." if len(error) > 400 else "")]
@@ -84,8 +91,19 @@ def eval_metrics_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def warning_lines(manifest: dict[str, Any], names: list[str]) -> list[str]:
+    return [
+        f"WARNING {w}"
+        for n in names
+        for w in (manifest["stages"].get(n, {}).get("metrics") or {}).get("warnings") or []
+    ]
+
+
 def results_table(manifest: dict[str, Any], names: list[str]) -> str:
-    text = text_table(stage_rows(manifest, names))
+    text = text_table(stage_rows(manifest, names, warnings_inline=False))
+    said = warning_lines(manifest, names)
+    if said:
+        text += "\n\n" + "\n".join(said)
     evaluation = eval_metrics_of(manifest)
     if evaluation:
         text += (

@@ -64,19 +64,23 @@ def group_candidates(candidates: Iterable[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def degenerate_reason(candidate: dict) -> str | None:
-    """ "empty" (blank response), "truncated" (hit the length limit) or None."""
+def degenerate_reason(candidate: dict, keep_truncated: bool = False) -> str | None:
+    """ "empty" (blank response), "truncated" (hit the length limit) or None.
+
+    ``keep_truncated``: length-capped responses count as usable (select.keep_truncated)."""
     response = candidate.get("response")
     if not isinstance(response, str) or not response.strip():
         return "empty"
     # A length-capped response is unfinished text; training on it teaches
     # the model to stop mid-sentence, whatever the scorer thought of it.
-    if candidate.get("finish_reason") == "length":
+    if candidate.get("finish_reason") == "length" and not keep_truncated:
         return "truncated"
     return None
 
 
-def _analyze(candidates: Iterable[dict]) -> tuple[dict[str, list[dict]], dict, dict[str, list[dict]]]:
+def _analyze(
+    candidates: Iterable[dict], keep_truncated: bool = False
+) -> tuple[dict[str, list[dict]], dict, dict[str, list[dict]]]:
     """Group, validate scores, and split off degenerates.
 
     Returns (groups, base stats, prompt_id -> valid candidates in sample order).
@@ -99,7 +103,7 @@ def _analyze(candidates: Iterable[dict]) -> tuple[dict[str, list[dict]], dict, d
         ok = []
         for c in group:
             _score(c)  # validate every score, degenerate or not
-            reason = degenerate_reason(c)
+            reason = degenerate_reason(c, keep_truncated)
             if reason is None:
                 ok.append(c)
             else:
@@ -124,7 +128,7 @@ def _ranked(valid: list[dict]) -> list[dict]:
 
 
 def select_top_k_candidates(
-    candidates: Iterable[dict], k: int, min_score: float | None = None
+    candidates: Iterable[dict], k: int, min_score: float | None = None, keep_truncated: bool = False
 ) -> tuple[list[dict], dict]:
     """Up to k best valid candidates per prompt, each scoring >= min_score.
 
@@ -135,7 +139,7 @@ def select_top_k_candidates(
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if min_score is not None and math.isnan(float(min_score)):
         raise ValueError("min_score is NaN")
-    _, stats, valid = _analyze(candidates)
+    _, stats, valid = _analyze(candidates, keep_truncated)
     below = 0
     selected: list[dict] = []
     for ok in valid.values():
@@ -155,7 +159,9 @@ def select_best_candidates(candidates: Iterable[dict], min_score: float | None =
     return selected, stats
 
 
-def select_pair_candidates(candidates: Iterable[dict], min_margin: float = 0.0) -> tuple[list[tuple[dict, dict]], dict]:
+def select_pair_candidates(
+    candidates: Iterable[dict], min_margin: float = 0.0, keep_truncated: bool = False
+) -> tuple[list[tuple[dict, dict]], dict]:
     """One (chosen, rejected) per prompt: best vs worst valid candidate.
 
     Every prompt lands in exactly one of: selected, too_few_valid (< 2 valid,
@@ -163,7 +169,7 @@ def select_pair_candidates(candidates: Iterable[dict], min_margin: float = 0.0) 
     """
     if math.isnan(float(min_margin)):
         raise ValueError("min_margin is NaN")
-    _, stats, valid = _analyze(candidates)
+    _, stats, valid = _analyze(candidates, keep_truncated)
     pairs: list[tuple[dict, dict]] = []
     too_few = equal = below = 0
     margins: list[float] = []
@@ -265,6 +271,7 @@ def checker_rates(
     candidates: Iterable[dict],
     selected_best: Iterable[dict],
     check: Callable[[dict, str], bool],
+    keep_truncated: bool = False,
 ) -> dict[str, float]:
     """Pass rates of check(row, response) over the prompts in candidates.
 
@@ -290,7 +297,11 @@ def checker_rates(
     def passes(c: dict | None) -> bool:
         # Degenerate samples fail outright, matching selection, which never
         # picks them; otherwise pass_at_n could exceed what best can reach.
-        return c is not None and degenerate_reason(c) is None and bool(check(c.get("row") or {}, c["response"]))
+        return (
+            c is not None
+            and degenerate_reason(c, keep_truncated) is None
+            and bool(check(c.get("row") or {}, c["response"]))
+        )
 
     first = best = any_pass = 0
     for pid, group in groups.items():

@@ -2,6 +2,11 @@
 
 With no API key configured W&B runs offline and we say how to upload later. The key itself is never
 read into anything we write: only the mode, run id and local directory reach the manifest.
+
+The tracker never kills training: before an online run starts, the W&B server is probed with a short
+TCP connect (W&B's own retries took minutes, then raised CommError). ``mode: auto`` falls back to offline
+logging when it does not answer; ``mode: online`` (recipe or WANDB_MODE) fails at once, before any model
+loads.
 """
 
 from __future__ import annotations
@@ -9,11 +14,19 @@ from __future__ import annotations
 import contextlib
 import netrc
 import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.config import Recipe
+from pipeline.errors import PipelineError
+
+DEFAULT_WANDB_URL = "https://api.wandb.ai"
+PROBE_TIMEOUT_S = 3.0
+INIT_TIMEOUT_S = 30.0  # wandb.init waits 90 s by default, then retries
 
 
 def wandb_key_configured() -> bool:
@@ -26,13 +39,71 @@ def wandb_key_configured() -> bool:
     return bool(auth and auth[2])
 
 
+def requested_mode(recipe: Recipe) -> str:
+    """The mode asked for: WANDB_MODE from the environment wins over the recipe's."""
+    return os.environ.get("WANDB_MODE") or recipe.tracking.wandb.mode
+
+
 def wandb_mode(recipe: Recipe) -> str:
-    mode = recipe.tracking.wandb.mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+    """The mode before any network check: auto is online with an API key, offline without."""
+    mode = requested_mode(recipe)
     if mode == "auto":
         return "online" if wandb_key_configured() else "offline"
     return mode
+
+
+def wandb_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or DEFAULT_WANDB_URL
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why the server at ``url`` cannot be reached within ``timeout`` seconds; None when a TCP connection opens.
+
+    Run in a thread because name resolution has no timeout of its own."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    return outcome[0] if outcome else f"no answer within {timeout:.0f} s"
+
+
+def online_refused(url: str, reason: str) -> PipelineError:
+    return PipelineError(
+        f"W&B: tracking.wandb.mode is online but the W&B server {url} cannot be reached ({reason}). "
+        "Check the network (or WANDB_BASE_URL), or set tracking.wandb.mode: auto (falls back to offline logging) "
+        "or offline, and upload later with wandb sync"
+    )
+
+
+def check_online(recipe: Recipe) -> None:
+    """With ``online`` forced, fail before anything loads when W&B does not answer (``pipeline run`` calls this first)."""
+    if "wandb" in recipe.tracking.report_to and requested_mode(recipe) == "online":
+        reason = unreachable(wandb_url())
+        if reason:
+            raise online_refused(wandb_url(), reason)
+
+
+def resolve_mode(recipe: Recipe) -> tuple[str, str | None]:
+    """(mode to start W&B in, why it is offline although online was wanted -- None otherwise)."""
+    mode = wandb_mode(recipe)
+    if mode != "online":
+        return mode, None
+    reason = unreachable(wandb_url())
+    if reason is None:
+        return mode, None
+    if requested_mode(recipe) == "online":
+        raise online_refused(wandb_url(), reason)
+    return "offline", f"{wandb_url()} cannot be reached ({reason})"
 
 
 @contextlib.contextmanager
@@ -44,11 +115,11 @@ def tracked(recipe: Recipe, stage: str, stage_dir: Path, is_main: bool, say=prin
         return
     import wandb
 
-    mode = wandb_mode(recipe)
+    mode, fallback = resolve_mode(recipe)
     cfg = recipe.tracking.wandb
-    if mode == "offline" and not wandb_key_configured():
+    if mode == "offline" and not fallback and not wandb_key_configured():
         say("W&B: no API key configured, logging offline.")
-    run = wandb.init(
+    settings = dict(
         project=cfg.project or recipe.name,
         entity=cfg.entity,
         group=recipe.name,
@@ -57,13 +128,23 @@ def tracked(recipe: Recipe, stage: str, stage_dir: Path, is_main: bool, say=prin
         tags=cfg.tags or None,
         config=recipe.resolved_dict(),
         dir=str(stage_dir),
-        mode=mode,
         reinit="finish_previous",
+        settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S),
     )
+    try:
+        run = wandb.init(mode=mode, **settings)
+    except wandb.errors.Error as exc:  # the server answered the probe but refused or timed out
+        if mode != "online" or requested_mode(recipe) == "online":
+            raise PipelineError(f"W&B: could not start the {mode} run: {type(exc).__name__}: {exc}") from None
+        mode, fallback = "offline", f"W&B did not start the online run ({type(exc).__name__}: {exc})"
+        run = wandb.init(mode=mode, **settings)
     local_dir = str(Path(run.dir).parent) if run.dir else None
     info["wandb"] = {"id": run.id, "mode": mode, "project": cfg.project or recipe.name, "dir": local_dir}
     if mode == "online" and getattr(run, "url", None):
         info["wandb"]["url"] = run.url
+    if fallback:
+        info["wandb"]["offline_because"] = fallback
+        say(f"W&B: {fallback}; logging offline to {local_dir} instead -- upload later with: wandb sync {local_dir}")
     try:
         yield info
     finally:

@@ -137,6 +137,7 @@ def _pairs_file(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # trains the shared 300-step policy
 @pytest.mark.parametrize("kind", ["reward", "dpo"])
 def test_pairs_are_grouped_by_their_longer_side(policy_copy, tmp_path, kind):
     """Reward and DPO batches pad chosen and rejected together: grouping measures the pair's longer side,

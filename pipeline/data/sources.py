@@ -157,9 +157,11 @@ def _read_hub(src) -> Rows:
             src.hub, src.subset, split=src.split, **{k: v for k, v in files.items() if v is not None}
         )
     except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise DataError(
-            f"{name}: could not load the Hub dataset: {type(exc).__name__}: {exc}. "
-            "Check the id, subset, data_dir / data_files and split, and that the Hugging Face Hub is reachable (or download the data and use 'path:')."
+            f"{name}: could not load the Hub dataset: {type(exc).__name__}: {first} "
+            "Check the id, subset, data_dir / data_files and split. To run offline: download the data and use 'path:' "
+            "in the recipe, or load it once where there is a network and set HF_HUB_OFFLINE=1 to use the datasets cache."
         ) from None
     rows = ds.to_list()
     return _non_empty(Rows(name, rows, [f"row {i}" for i in range(1, len(rows) + 1)]))

@@ -77,6 +77,19 @@ def torch_dtype(cfg: ModelConfig) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
+def cannot_load(what: str, source: str, exc: OSError) -> str:
+    """One message for a model or tokenizer that would not load; for a Hub id, how to run without the network."""
+    if Path(source).exists():
+        return f"cannot load the {what} of {source!r}: {exc}"
+    from pipeline.preflight import offline_advice
+
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return (
+        f"cannot load the {what} of {source!r} from the Hugging Face Hub: {first.strip()} Check the id and "
+        f"model.revision (a gated model needs `huggingface-cli login`). " + offline_advice(source)
+    )
+
+
 def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
@@ -86,7 +99,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str 
             source, revision=None if path else cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except OSError as exc:
-        raise PipelineError(f"cannot load the tokenizer of {source!r}: {exc}") from None
+        raise PipelineError(cannot_load("tokenizer", source, exc)) from None
     if tok.pad_token is None:
         # Padding positions are masked out of the loss and attention, so reusing EOS is safe.
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -170,7 +183,7 @@ def load_base(cfg: ModelConfig, head: str = "causal_lm", path: str | None = None
         else:
             model = auto.from_pretrained(source, **kwargs)
     except OSError as exc:
-        raise PipelineError(f"cannot load model {source!r}: {exc}") from None
+        raise PipelineError(cannot_load("model", source, exc)) from None
     if head == "reward":
         # The classifier reads the last token that is not pad_token_id, so it must be the id the tokenizer pads
         # with. Not config.eos_token_id: that is a list for Llama-3.1 ([128001, 128008, 128009]).

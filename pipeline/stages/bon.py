@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import selection
+from pipeline import selection, yields
 from pipeline.config.schema import DataSource, StageConfig, Strict, function_ref, function_refs
 from pipeline.context import StageContext
 from pipeline.data.prompts import PromptRecord, load_prompts
@@ -46,6 +46,7 @@ class SelectConfig(Strict):
     top_k: int = Field(1, gt=0, description="Responses kept per prompt in 'best' (1: the best one).")
     min_score: float | None = Field(None, description="Best responses scoring below this are not kept.")
     min_margin: float = Field(0.0, ge=0, description="Pairs need chosen - rejected >= this (and > 0).")
+    keep_truncated: bool = Field(False, description="Keep responses cut at max_new_tokens (unfinished text) as usable.")
 
 
 class BonStage(StageConfig):
@@ -171,12 +172,17 @@ def finish(
 ) -> dict[str, Any]:
     """Select, write the outputs, and compute the metrics (main process)."""
     sel = ctx.cfg.select
-    best_candidates, best_stats = selection.select_top_k_candidates(candidates, sel.top_k, sel.min_score)
-    pairs, pair_stats = selection.select_pair_candidates(candidates, sel.min_margin)
+    best_candidates, best_stats = selection.select_top_k_candidates(
+        candidates, sel.top_k, sel.min_score, sel.keep_truncated
+    )
+    pairs, pair_stats = selection.select_pair_candidates(candidates, sel.min_margin, sel.keep_truncated)
+    warnings = yields.bon_warnings(
+        ctx.name, ctx.cfg, len({c["prompt_id"] for c in best_candidates}), len(pairs), best_stats, pair_stats
+    )
     if not best_candidates:
         raise PipelineError(
             f"best-of-n selected nothing from {len(candidates)} candidates ({json.dumps(best_stats['degenerate'])} degenerate, "
-            f"{best_stats['below_min_score']} below min_score); raise max_new_tokens or lower select.min_score"
+            f"{best_stats['below_min_score']} below min_score): " + "; ".join(warnings)
         )
     out = ctx.stage_dir
     write_jsonl_atomic(out / "candidates.jsonl", candidates)
@@ -196,11 +202,11 @@ def finish(
         degenerate=best_stats["degenerate"],
         select={"best": best_stats, "pairs": pair_stats},
     )
-    top1 = selection.select_best_candidates(candidates)[0]
+    top1 = selection.select_top_k_candidates(candidates, 1, keep_truncated=sel.keep_truncated)[0]
     for name, check in checks.items():
-        metrics[f"checks.{name}"] = selection.checker_rates(candidates, top1, check)
+        metrics[f"checks.{name}"] = selection.checker_rates(candidates, top1, check, sel.keep_truncated)
     ctx.say(_summary_line(ctx.name, metrics))
-    return metrics
+    return yields.record(metrics, warnings, ctx.say)
 
 
 def _summary_line(name: str, m: dict[str, Any]) -> str:

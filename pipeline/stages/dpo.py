@@ -15,13 +15,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline import compat
+from pipeline import compat, yields
 from pipeline.config.schema import PairsStageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs, summary_line
 from pipeline.errors import PipelineError, RecipeError
 from pipeline.fileio import write_json_atomic
 from pipeline.stages import StageKind, register
+from pipeline.yields import pair_warnings
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
         train_pairs=summary["train"]["kept"],
         eval_pairs=summary["eval"]["kept"] if summary.get("eval") else 0,
     )
+    yields.record(metrics, pair_warnings(ctx.name, summary), ctx.say)
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "margins.json", margins_series(history))
         compat.drop_ref_adapter_copy(ctx.stage_dir / "model")
@@ -166,6 +168,7 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     from pipeline import modeling, training
 
     data = ctx.cfg.data
+    yields.check_upstream_output(ctx, data.train, "preference pairs", "pairs")
     train_records, eval_records, summary = prepare_pairs(
         ctx.resolve_source(data.train, "pairs"),
         ctx.resolve_source(data.eval, "pairs"),
@@ -177,6 +180,9 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(summary_line(ctx.name, summary))
+    yields.check_training_rows(
+        ctx, data.train, len(train_records), "preference pairs", "pairs"
+    )  # before the model loads
     if ctx.cfg.precompute_ref_log_probs:  # on disk, where TRL's reference log-prob cache can find it again
 
         def to_ds(records):

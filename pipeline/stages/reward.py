@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline import compat, plots
+from pipeline import compat, plots, yields
 from pipeline.config.schema import PairsStageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs, summary_line
@@ -38,19 +38,20 @@ class RewardStage(PairsStageConfig):
 def run(ctx: StageContext[RewardStage]) -> dict[str, Any]:
     from pipeline import training
 
-    trainer, tokenizer, held, base = build_trainer(ctx)
+    trainer, tokenizer, held, base, summary = build_trainer(ctx)
     metrics = training.fit(trainer, ctx, base=base)
     if held:
         from pipeline.scoring import RewardModelScorer
 
         scorer = RewardModelScorer(trainer.model, tokenizer, "reward model", max_length=ctx.cfg.data.max_length)
         metrics.update(evaluate_pairs(scorer, tokenizer, held, ctx))
+    yields.record(metrics, yields.pair_warnings(ctx.name, summary), ctx.say)
     check_gate(ctx.cfg.min_accuracy, metrics)
     return metrics
 
 
 def build_trainer(ctx: StageContext[RewardStage]):
-    """(RewardTrainer, tokenizer, held-out pairs, the base a new adapter belongs to)."""
+    """(RewardTrainer, tokenizer, held-out pairs, the base a new adapter belongs to, data summary)."""
     from trl import RewardConfig, RewardTrainer
 
     from pipeline import modeling, training
@@ -58,6 +59,7 @@ def build_trainer(ctx: StageContext[RewardStage]):
     cfg, recipe = ctx.cfg, ctx.recipe
     init = ctx.model_of(cfg.base_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=init.path if init else None)
+    yields.check_upstream_output(ctx, cfg.data.train, "preference pairs", "pairs")
     train, held, summary = prepare_pairs(
         ctx.resolve_source(cfg.data.train, "pairs"),
         ctx.resolve_source(cfg.data.eval, "pairs"),
@@ -68,6 +70,7 @@ def build_trainer(ctx: StageContext[RewardStage]):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(summary_line(ctx.name, summary))
+    yields.check_training_rows(ctx, cfg.data.train, len(train), "preference pairs", "pairs")  # before the model loads
     quantized = recipe.model.quantization != "none"
     args = training.trl_args(
         RewardConfig,
@@ -83,7 +86,7 @@ def build_trainer(ctx: StageContext[RewardStage]):
         eval_dataset=training.to_dataset(held),
         processing_class=tokenizer,
     )
-    return trainer, tokenizer, held, base
+    return trainer, tokenizer, held, base, summary
 
 
 def check_gate(min_accuracy: float | None, metrics: dict[str, Any]) -> None:

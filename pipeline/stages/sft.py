@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline import compat
+from pipeline import compat, yields
 from pipeline.config.schema import SFTDataConfig, StageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
@@ -38,7 +38,7 @@ def run(ctx: StageContext[SFTStage]) -> dict[str, Any]:
     init = ctx.model_of(ctx.cfg.init_from)
     metrics = training.fit(trainer, ctx, base=init.lineage_base() if init else None)
     metrics.update(train_rows=summary["train"]["kept"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
-    return metrics
+    return yields.record(metrics, yields.sft_warnings(ctx.name, summary), ctx.say)
 
 
 def build_trainer(ctx: StageContext[SFTStage]):
@@ -70,6 +70,7 @@ def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     from pipeline.training import to_dataset
 
     data = ctx.cfg.data
+    yields.check_upstream_output(ctx, data.train, "training rows", "best")
     train_source, eval_source = ctx.resolve_source(data.train), ctx.resolve_source(data.eval)
     train, fmt = load_sft_examples(train_source, data.template)
     evals: list[Example] = []
@@ -96,6 +97,7 @@ def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(format_summary(summary))
+    yields.check_training_rows(ctx, data.train, len(train), "training rows", "best")  # before the model loads
     return to_dataset([ex.as_record() for ex in train]), to_dataset([ex.as_record() for ex in evals]), summary
 
 

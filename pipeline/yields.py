@@ -1,0 +1,177 @@
+"""How much of its input a stage kept, said loudly.
+
+Two checks every stage can make, so a run never trains quietly on a sliver of its data:
+
+- ``keep_warning``: a stage kept less than half of what it was given (best-of-n prompts, SFT rows,
+  preference pairs). The warning names the dominant cause and the setting that fixes it; stages print it
+  and record it in their metrics under ``warnings`` (the report and results table show them).
+- ``check_upstream_output`` / ``check_training_rows``: a training stage whose input is empty, or smaller
+  than one batch, fails at its start, before any model loads, naming the earlier stage that produced it.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+
+MIN_KEPT_SHARE = 0.5
+
+
+def keep_warning(subject: str, kept: int, total: int, causes: list[tuple[int, str]]) -> str | None:
+    """``subject: kept K of N (p%): <largest cause>`` when fewer than half were kept, else None.
+    ``causes``: (how many were lost to it, what happened and the fix)."""
+    if total <= 0 or kept >= MIN_KEPT_SHARE * total:
+        return None
+    count, why = max(causes, key=lambda cause: cause[0], default=(0, ""))
+    return f"{subject}: kept {kept} of {total} ({kept / total:.0%})" + (f"; {why}" if count else "")
+
+
+def degenerate_cause(degenerate: dict[str, int], candidates: int, max_new_tokens: int) -> tuple[int, str]:
+    """The commoner kind of unusable sample (truncated or empty) and what to do about it."""
+    truncated, empty = degenerate.get("truncated", 0), degenerate.get("empty", 0)
+    if truncated >= empty:
+        return truncated, (
+            f"{truncated} of {candidates} samples hit max_new_tokens={max_new_tokens} and were dropped as truncated: "
+            "raise max_new_tokens, or set select.keep_truncated: true"
+        )
+    return empty, (
+        f"{empty} of {candidates} samples were empty: the policy ends its reply at once; check that the prompts "
+        "use the template it was trained with"
+    )
+
+
+def bon_warnings(name: str, cfg, best_prompts: int, pairs: int, best_stats: dict, pair_stats: dict) -> list[str]:
+    """Warnings for a best-of-n stage (``cfg``: its BonStage) that kept best rows or pairs for few prompts."""
+    prompts, candidates = best_stats["prompts"], best_stats["candidates"]
+    unusable = degenerate_cause(best_stats["degenerate"], candidates, cfg.max_new_tokens)[1]
+    sel = cfg.select
+    best_causes = [
+        (
+            best_stats["prompts_without_valid"],
+            f"{best_stats['prompts_without_valid']} prompts had no usable sample: {unusable}",
+        ),
+        (
+            best_stats["below_min_score"],
+            f"{best_stats['below_min_score']} best samples scored below select.min_score="
+            f"{sel.min_score}: lower select.min_score",
+        ),
+    ]
+    degenerate_total = sum(best_stats["degenerate"].values())
+    too_few = f"{pair_stats['too_few_valid']} prompts had fewer than 2 usable samples: " + (
+        unusable if degenerate_total else f"n={cfg.n} is too small; raise n"
+    )
+    pair_causes = [
+        (pair_stats["too_few_valid"], too_few),
+        (
+            pair_stats["equal_scores"],
+            f"{pair_stats['equal_scores']} prompts had every usable sample scored the same "
+            "(no preference between them): raise n or temperature, or use a scorer with finer scores",
+        ),
+        (
+            pair_stats["below_min_margin"],
+            f"{pair_stats['below_min_margin']} pairs had a margin below select.min_margin="
+            f"{sel.min_margin}: lower select.min_margin",
+        ),
+    ]
+    found = [
+        keep_warning(f"[{name}] best.jsonl", best_prompts, prompts, best_causes),
+        keep_warning(f"[{name}] pairs.jsonl", pairs, prompts, pair_causes),
+    ]
+    return [w for w in found if w]
+
+
+def sft_warnings(name: str, summary: dict[str, Any]) -> list[str]:
+    """An SFT stage whose length policy dropped most rows."""
+    found = []
+    for split in ("train", "eval"):
+        rep = summary.get(split)
+        if not rep:
+            continue
+        causes = [
+            (
+                rep["dropped_overlength"],
+                f"{rep['dropped_overlength']} rows were longer than data.max_length="
+                f"{summary['max_length']} (overlength: drop): raise data.max_length or set overlength: truncate",
+            ),
+            (
+                rep["dropped_prompt_too_long"],
+                f"{rep['dropped_prompt_too_long']} prompts alone reached data.max_length="
+                f"{summary['max_length']}: raise data.max_length",
+            ),
+        ]
+        found.append(keep_warning(f"[{name}] {split} rows", rep["kept"], rep["rows"], causes))
+    return [w for w in found if w]
+
+
+def pair_warnings(name: str, summary: dict[str, Any]) -> list[str]:
+    """A reward / DPO stage whose pair checks dropped most pairs."""
+    found = []
+    for split in ("train", "eval"):
+        rep = summary.get(split)
+        if not rep:
+            continue
+        causes = [
+            (n, f"{n} pairs dropped as {kind.replace('_', ' ')} (see data_summary.json {split}.examples)")
+            for kind, n in rep.get("problems", {}).items()
+        ]
+        found.append(keep_warning(f"[{name}] {split} pairs", rep["kept"], rep["pairs"], causes))
+    return [w for w in found if w]
+
+
+def _upstream_origin(ctx, source, default_output: str, unit: str, kept: int | None = None) -> str:
+    """Where a training stage's input comes from, for its error message."""
+    if source.from_stage is None:
+        return f"its input is {source.describe()}"
+    stage, output = source.from_stage, source.output or default_output
+    if kept is None:
+        kept = count_rows(Path(ctx.resolve_source(source, default_output).path))
+    entry = ctx.manifest.stage(stage)
+    where = f"{stage}/metrics.json" + (f" select.{output}" if entry.get("kind") == "bon" else "")
+    said = (entry.get("metrics") or {}).get("warnings") or []
+    return (
+        f"its input is the {output!r} output of stage {stage!r}, which kept {kept} {unit.split()[-1]} (see {where})"
+        + (f"; {stage} warned: {said[0]}" if said else "")
+    )
+
+
+def count_rows(path: Path) -> int:
+    with path.open(encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def check_upstream_output(ctx, source, unit: str, default_output: str) -> None:
+    """An earlier stage's output that holds no rows: say which stage and why, not just 'no rows'."""
+    if source is None or source.from_stage is None:
+        return
+    path = Path(ctx.resolve_source(source, default_output).path)
+    if path.is_file() and count_rows(path) == 0:
+        raise DataError(
+            f"stage {ctx.name!r} has 0 {unit} to train on: {_upstream_origin(ctx, source, default_output, unit, 0)}"
+        )
+
+
+def check_training_rows(ctx, source, rows: int, unit: str, default_output: str) -> None:
+    """At least one batch to train on (``train.batch_size`` per device), checked before any model loads."""
+    batch = ctx.cfg.train.batch_size
+    if rows >= batch and rows > 0:
+        return
+    origin = _upstream_origin(ctx, source, default_output, unit)
+    if rows == 0:
+        raise DataError(f"stage {ctx.name!r} has 0 {unit} to train on: {origin}")
+    raise DataError(
+        f"stage {ctx.name!r} has {rows} {unit} to train on, fewer than one batch (stages.{ctx.name}.train.batch_size="
+        f"{batch}): {origin}. Give it more data or lower the batch size"
+    )
+
+
+def record(metrics: dict[str, Any], warnings: list[str], say) -> dict[str, Any]:
+    """Print each warning and keep them in the stage's metrics."""
+    for warning in warnings:
+        say(f"WARNING {warning}")
+    if warnings:
+        metrics["warnings"] = list(dict.fromkeys(metrics.get("warnings", []) + warnings))
+    return metrics

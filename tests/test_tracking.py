@@ -1,0 +1,88 @@
+"""The tracker never kills training: an unreachable W&B server means offline logging (mode auto) or one clear
+error before anything loads (mode online). No real network: WANDB_BASE_URL points at a closed local port."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from pipeline.config import load_recipe
+from pipeline.errors import PipelineError
+from pipeline.tracking import resolve_mode, tracked, unreachable
+
+from conftest import run_cli
+
+KEY = "sekrit-key-0123456789abcdef0123456789abcdef01234567"
+
+
+def closed_port_url() -> str:
+    """http://127.0.0.1:<a port nobody listens on>: connection refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def offline_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", KEY)
+    monkeypatch.setenv("WANDB_BASE_URL", closed_port_url())
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def wandb_recipe(make_recipe, mode: str):
+    return make_recipe({"tracking": {"report_to": ["wandb"], "wandb": {"project": "pipeline-tests", "mode": mode}}})
+
+
+def test_probe_sees_a_closed_port_and_an_open_one():
+    assert unreachable(closed_port_url(), timeout=1.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert unreachable(f"http://127.0.0.1:{server.getsockname()[1]}", timeout=1.0) is None
+
+
+def test_auto_mode_with_a_key_and_no_wandb_server_logs_offline_within_seconds(offline_wandb, make_recipe, tmp_path):
+    recipe = load_recipe(wandb_recipe(make_recipe, "auto"))
+    said: list[str] = []
+    started = time.time()
+    with tracked(recipe, "sft", tmp_path / "sft", True, say=said.append) as info:
+        elapsed = time.time() - started
+    assert elapsed < 20, f"W&B fallback took {elapsed:.1f}s"
+    assert info["wandb"]["mode"] == "offline"
+    assert "cannot be reached" in info["wandb"]["offline_because"]
+    notices = [m for m in said if "logging offline" in m]
+    assert len(notices) == 1 and "wandb sync " in notices[0] and "127.0.0.1" in notices[0]
+    for path in (tmp_path / "sft").rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), f"API key leaked into {path}"
+
+
+def test_forced_online_mode_fails_in_the_stage_before_any_wandb_run(offline_wandb, make_recipe, monkeypatch):
+    recipe = load_recipe(wandb_recipe(make_recipe, "auto"))
+    monkeypatch.setenv("WANDB_MODE", "online")  # the environment forcing it counts as forced
+    with pytest.raises(PipelineError, match="mode is online but the W&B server .* cannot be reached"):
+        resolve_mode(recipe)
+
+
+def test_forced_online_run_exits_2_before_any_model_loads(offline_wandb, make_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    started = time.time()
+    out = run_cli("run", str(wandb_recipe(make_recipe, "online")), "--output-dir", str(run_dir))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "W&B: tracking.wandb.mode is online but the W&B server http://127.0.0.1:" in out.stderr
+    assert "mode: auto" in out.stderr
+    assert time.time() - started < 30
+    assert not (run_dir / "sft").exists()  # no stage started, nothing loaded
+
+
+def test_auto_mode_is_not_probed_without_a_key(make_recipe, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://203.0.113.1:9")  # would time out if probed
+    started = time.time()
+    assert resolve_mode(load_recipe(wandb_recipe(make_recipe, "auto"))) == ("offline", None)
+    assert time.time() - started < 1
