@@ -19,7 +19,8 @@ FAST_TRAIN = {
 }
 # Enough for a ~1M-parameter replica to memorise 16 short replies and their end of turn: best-of-n needs
 # responses that end (a truncated one is never selected), and trap (a) is about exactly that.
-LEARN_TRAIN = {**FAST_TRAIN, "max_steps": 24, "batch_size": 4, "learning_rate": 3e-3}
+# Random batches: what these step counts were calibrated on (grouped batches change what 24 steps teach).
+LEARN_TRAIN = {**FAST_TRAIN, "max_steps": 24, "batch_size": 4, "learning_rate": 3e-3, "batching": "padded"}
 
 
 def tiny_rows(n: int) -> list[dict]:

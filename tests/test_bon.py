@@ -148,7 +148,7 @@ class Interrupt(Exception):
 def test_interrupted_bon_resumes_finished_shards_and_matches_an_uninterrupted_run(policy_run, tmp_path, monkeypatch):
     import shutil
 
-    from pipeline.stages import bon
+    from pipeline import sampling
 
     recipe_path, source = policy_run
     recipe = load_recipe(recipe_path)
@@ -157,7 +157,7 @@ def test_interrupted_bon_resumes_finished_shards_and_matches_an_uninterrupted_ru
     shutil.copytree(source, broken)
     runner.run_stage(recipe, "label", clean)
 
-    real = bon.sample_shard
+    real = sampling.sample_candidates  # the stage samples each shard through it
     calls = []
 
     def crash_on_third(*args, **kwargs):
@@ -166,7 +166,7 @@ def test_interrupted_bon_resumes_finished_shards_and_matches_an_uninterrupted_ru
             raise Interrupt("killed mid-generation")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bon, "sample_shard", crash_on_third)
+    monkeypatch.setattr(sampling, "sample_candidates", crash_on_third)
     with pytest.raises(Interrupt):
         runner.run_stage(recipe, "label", broken)
     manifest = json.loads((broken / "manifest.json").read_text())["stages"]["label"]
@@ -178,7 +178,7 @@ def test_interrupted_bon_resumes_finished_shards_and_matches_an_uninterrupted_ru
     stamps = {p.name: p.stat().st_mtime_ns for p in finished}
 
     calls.clear()
-    monkeypatch.setattr(bon, "sample_shard", lambda *a, **k: (calls.append(k["seed"]), real(*a, **k))[1])
+    monkeypatch.setattr(sampling, "sample_candidates", lambda *a, **k: (calls.append(k["seed"]), real(*a, **k))[1])
     entry = runner.run_stage(recipe, "label", broken)
     assert entry["status"] == "done" and entry["metrics"]["shards_resumed"] == 2
     assert len(calls) == entry["metrics"]["shards"] - 2  # finished shards were not regenerated

@@ -89,10 +89,10 @@ def test_4bit_lora_reward_model_trains_head_and_adapter_only(make_recipe, tmp_pa
     original = modeling.load_reward_model
 
     def spy(*args, **kwargs):
-        model = original(*args, **kwargs)
+        model, base = original(*args, **kwargs)
         captured["model"] = model
         captured["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model
+        return model, base
 
     monkeypatch.setattr(modeling, "load_reward_model", spy)
     entry = runner.run_stage(recipe, "reward", tmp_path / "run")
