@@ -86,39 +86,41 @@ def bon_warnings(name: str, cfg, best_prompts: int, pairs: int, best_stats: dict
 
 def sft_warnings(name: str, summary: dict[str, Any]) -> list[str]:
     """An SFT stage whose length policy dropped most rows."""
-    found = []
-    for split in ("train", "eval"):
-        rep = summary.get(split)
-        if not rep:
-            continue
-        causes = [
+    limit = summary.get("max_length")
+
+    def causes(split: str, rep: dict[str, Any]) -> list[tuple[int, str]]:
+        over, prompt = rep["dropped_overlength"], rep["dropped_prompt_too_long"]
+        return [
             (
-                rep["dropped_overlength"],
-                f"{rep['dropped_overlength']} rows were longer than data.max_length="
-                f"{summary['max_length']} (overlength: drop): raise data.max_length or set overlength: truncate",
+                over,
+                f"{over} rows were longer than data.max_length={limit} (overlength: drop): "
+                "raise data.max_length or set overlength: truncate",
             ),
-            (
-                rep["dropped_prompt_too_long"],
-                f"{rep['dropped_prompt_too_long']} prompts alone reached data.max_length="
-                f"{summary['max_length']}: raise data.max_length",
-            ),
+            (prompt, f"{prompt} prompts alone reached data.max_length={limit}: raise data.max_length"),
         ]
-        found.append(keep_warning(f"[{name}] {split} rows", rep["kept"], rep["rows"], causes))
-    return [w for w in found if w]
+
+    return _split_warnings(name, summary, "rows", "rows", causes)
 
 
 def pair_warnings(name: str, summary: dict[str, Any]) -> list[str]:
     """A reward / DPO stage whose pair checks dropped most pairs."""
-    found = []
-    for split in ("train", "eval"):
-        rep = summary.get(split)
-        if not rep:
-            continue
-        causes = [
+
+    def causes(split: str, rep: dict[str, Any]) -> list[tuple[int, str]]:
+        return [
             (n, f"{n} pairs dropped as {kind.replace('_', ' ')} (see data_summary.json {split}.examples)")
             for kind, n in rep.get("problems", {}).items()
         ]
-        found.append(keep_warning(f"[{name}] {split} pairs", rep["kept"], rep["pairs"], causes))
+
+    return _split_warnings(name, summary, "pairs", "pairs", causes)
+
+
+def _split_warnings(name: str, summary: dict[str, Any], unit: str, total_key: str, causes) -> list[str]:
+    """keep_warning for the train and eval splits of a data summary."""
+    found = []
+    for split in ("train", "eval"):
+        rep = summary.get(split)
+        if rep:
+            found.append(keep_warning(f"[{name}] {split} {unit}", rep["kept"], rep[total_key], causes(split, rep)))
     return [w for w in found if w]
 
 
