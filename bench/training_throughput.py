@@ -72,7 +72,7 @@ def recipe(model: dict, sft_path: Path, pairs_path: Path, mode: str, args) -> di
         "precision": args.precision,
     }
     pair_train = {**train, "batching": "padded" if mode == "padded" else "grouped"}
-    data = {"template": "alpaca", "max_length": args.max_length}
+    data = {"template": args.template, "max_length": args.max_length}
     return {
         "name": f"throughput-{mode}",
         "seed": 0,
@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--rows", type=int, default=240)
     p.add_argument("--modes", default="padded,grouped,packed")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"], help="prompt template of the SFT rows")
     p.add_argument("--stages", default="sft,reward,dpo")
     p.add_argument("--device-model", help="config dir: a random-init bf16 model of that shape (GPU runs)")
     p.add_argument("--attn", default=None, help="attn_implementation (default: the library's)")

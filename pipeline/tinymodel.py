@@ -2,7 +2,7 @@
 
 Built once, offline, deterministically, and cached (``$PIPELINE_CACHE`` or ``~/.cache/pipeline``).
 Weights are randomly initialised: the demo's SFT stage teaches it everything (measured: SFT from scratch
-on the tiny tasks learns them in ~2 minutes on 2 cores; a pretraining pass first bought nothing).
+on the tiny tasks learns them in about a minute on 2 cores; a pretraining pass first bought nothing).
 """
 
 from __future__ import annotations
