@@ -12,15 +12,19 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import Recipe, iter_sources
-from pipeline.fileio import write_json_atomic
+from pipeline.errors import PipelineError
+from pipeline.fileio import write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
+MANIFEST_BACKUP = "manifest.json.bak"  # the previous version, for when the manifest is damaged from outside
+_warned_backup: set[str] = set()
 TRACKED_PACKAGES = (
     "pipeline-alignment",
     "torch",
@@ -40,14 +44,37 @@ def now() -> str:
 
 
 class Manifest:
+    """``manifest.json``: one entry per stage. Written atomically, so a kill never truncates it; a damaged one
+    (a full disk before atomic writes, an editor, a copy cut short) falls back to the previous version,
+    ``manifest.json.bak``, which costs at most a rerun of the last stage (it resumes from its checkpoints)."""
+
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.path = run_dir / MANIFEST
+        self.backup = run_dir / MANIFEST_BACKUP
 
     def read(self) -> dict[str, Any]:
-        if self.path.is_file():
-            return json.loads(self.path.read_text())
-        return {"stages": {}}
+        if not self.path.is_file():
+            return {"stages": {}}
+        data, problem = _load(self.path)
+        if problem is None:
+            return data
+        backup, backup_problem = _load(self.backup) if self.backup.is_file() else (None, "absent")
+        if backup_problem is None:
+            if str(self.path) not in _warned_backup:
+                _warned_backup.add(str(self.path))
+                print(
+                    f"warning: {self.path} is damaged ({problem}); using the previous version, {self.backup.name}: "
+                    "the stage that was last recorded may run again (it resumes from its checkpoints)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return backup
+        raise PipelineError(
+            f"{self.path} is damaged ({problem}) and there is no usable {self.backup.name}. To recover: move it "
+            f"aside (mv {self.path} {self.path}.damaged) and rerun: every stage runs again, reusing the "
+            "checkpoints and shards already in the run directory."
+        )
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.read()["stages"].get(name, {})
@@ -57,7 +84,20 @@ class Manifest:
         data.update(recipe=recipe.name, run_dir=str(self.run_dir), updated_at=now())
         entry = data["stages"].setdefault(name, {})
         entry.update(fields)
+        if self.path.is_file() and _load(self.path)[1] is None:
+            write_text_atomic(self.backup, self.path.read_text())
         write_json_atomic(self.path, data)
+
+
+def _load(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) or (None, what is wrong with it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"not valid JSON: {exc}"
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        return None, "no 'stages' table"
+    return data, None
 
 
 def file_fingerprint(path: Path) -> str:

@@ -21,3 +21,15 @@ class GateFailed(PipelineError):
     def __init__(self, message: str, metrics: dict | None = None):
         super().__init__(message)
         self.metrics = metrics or {}
+
+
+class DiskFull(PipelineError):
+    """The disk filled up while a stage wrote its outputs or checkpoints."""
+
+    @classmethod
+    def during(cls, stage: str, run_dir, exc: OSError) -> "DiskFull":
+        where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return cls(
+            f"stage {stage!r}: the disk is full{where} ({exc.strerror or exc}). Free space on the disk holding "
+            f"{run_dir} and rerun: finished stages are kept and this one resumes from its last complete checkpoint."
+        )

@@ -6,6 +6,7 @@ the main process alone writes the manifest). ``run_pipeline`` runs a recipe's st
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pipeline import stages
 from pipeline.artifacts import Manifest, git_commit, now, package_versions, stage_hash
 from pipeline.config.schema import Recipe
 from pipeline.context import StageContext, not_done
-from pipeline.errors import GateFailed, PipelineError
+from pipeline.errors import DiskFull, GateFailed, PipelineError
 from pipeline.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,14 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     from pipeline.tracking import tracked
 
     try:
-        with tracked(recipe, name, ctx.stage_dir, ctx.is_main, say=ctx.say) as tracker:
-            set_seed(seed)
-            metrics = stages.get(cfg.kind).run(ctx)
+        try:
+            with tracked(recipe, name, ctx.stage_dir, ctx.is_main, say=ctx.say) as tracker:
+                set_seed(seed)
+                metrics = stages.get(cfg.kind).run(ctx)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise DiskFull.during(name, run_dir, exc) from exc
     except BaseException as exc:
         if ctx.is_main:
             reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
@@ -140,17 +146,20 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
             if isinstance(exc, GateFailed):  # the stage ran: keep what it measured and wrote
                 extra = {"metrics": exc.metrics, "outputs": ctx.outputs}
                 write_json_atomic(ctx.stage_dir / "metrics.json", exc.metrics)
-            manifest.update_stage(
-                recipe,
-                name,
-                status="failed",
-                error=reason,
-                ended_at=now(),
-                duration_s=round(time.time() - started, 2),
-                **extra,
-            )
-            if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
-                (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
+            try:
+                manifest.update_stage(
+                    recipe,
+                    name,
+                    status="failed",
+                    error=reason,
+                    ended_at=now(),
+                    duration_s=round(time.time() - started, 2),
+                    **extra,
+                )
+                if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
+                    (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
+            except OSError as write_error:  # e.g. the disk is still full: the entry stays 'running', never 'done'
+                log.warning("could not record the failure of stage %s in the manifest: %s", name, write_error)
         raise
     duration = round(time.time() - started, 2)
     if ctx.is_main:

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from pipeline import batching, compat, modeling
+from pipeline import batching, checkpoints, compat, modeling
 from pipeline.errors import RecipeError
 from pipeline.fileio import write_json_atomic
 
@@ -104,10 +104,8 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     ``base``: what an adapter is applied to (default: the recipe's model; a stage that put a new
     adapter on an earlier stage's full model passes that model's path).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     ckpt_dir = Path(trainer.args.output_dir)
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = resume_point(ctx, ckpt_dir)
     metrics: dict[str, Any] = {}
     initial_eval = ckpt_dir / "initial_eval.json"
     has_eval = trainer.eval_dataset is not None
@@ -153,6 +151,16 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     metrics.update(modeling.trainable_summary(trainer.model))
     ctx.outputs["model"] = modeling.saved_ref(trainer.model, model_dir, base or ctx.recipe.model.name_or_path).as_dict()
     return metrics
+
+
+def resume_point(ctx, ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint: the main process sets damaged ones aside (see pipeline.checkpoints),
+    then every rank picks the same newest one."""
+    if ctx.is_main:
+        checkpoints.last_good_checkpoint(ckpt_dir, warn=lambda message: ctx.say(f"[{ctx.name}] warning: {message}"))
+    ctx.wait()
+    found = checkpoints.checkpoints(ckpt_dir)
+    return str(found[0]) if found else None
 
 
 def _finished_state(checkpoint: str):
