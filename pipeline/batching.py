@@ -43,17 +43,23 @@ class LengthGroupedBatches(Sampler[int]):
     every other batch keeps its boundaries). Every row once per epoch. Shuffling the batches matters: taking
     each sorted bucket from longest to shortest (what transformers' LengthGroupedSampler does) walks the
     model through one kind of row after another, and on the demo data, where length follows the task, SFT
-    learned measurably worse. The torch RNG (seeded by the Trainer) makes the order reproducible.
+    learned measurably worse. The order is a function of ``seed`` and the epoch (``set_epoch``, which the
+    Trainer calls) alone, not of the global RNG: a run resumed mid-epoch skips into the same order.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, bucket_batches: int = 50):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, bucket_batches: int = 50):
         self.lengths, self.batch_size, self.bucket_batches = lengths, batch_size, bucket_batches
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
-        rows = torch.randperm(len(self.lengths)).tolist()
+        rng = torch.Generator().manual_seed(self.seed + self.epoch)
+        rows = torch.randperm(len(self.lengths), generator=rng).tolist()
         bucket = self.batch_size * self.bucket_batches
         full, partial = [], []
         for start in range(0, len(rows), bucket):
@@ -61,7 +67,7 @@ class LengthGroupedBatches(Sampler[int]):
             for j in range(0, len(ordered), self.batch_size):
                 batch = ordered[j : j + self.batch_size]
                 (full if len(batch) == self.batch_size else partial).append(batch)
-        order = torch.randperm(len(full)).tolist()
+        order = torch.randperm(len(full), generator=rng).tolist()
         return iter([i for k in order for i in full[k]] + [i for batch in partial for i in batch])
 
 

@@ -100,7 +100,10 @@ def length_grouped(trainer_cls: type) -> type:
                     return super()._get_train_sampler(train_dataset)
                 dataset = train_dataset if train_dataset is not None else self.train_dataset
                 # micro-batches are padded one by one: group at the size of one (per device)
-                return LengthGroupedBatches([sequence_length(row) for row in dataset], self.args.train_batch_size)
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return LengthGroupedBatches(
+                    [sequence_length(row) for row in dataset], self.args.train_batch_size, seed=seed
+                )
 
             def _get_eval_sampler(self, eval_dataset):
                 # the Trainer groups eval batches too under group_by_length, but through input_ids only (which

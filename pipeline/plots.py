@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -26,7 +27,7 @@ def histogram(path: Path, series: dict[str, list[float]], title: str, xlabel: st
     ax.set(title=title, xlabel=xlabel, ylabel="count")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -40,6 +41,16 @@ def lines(path: Path, series: dict[str, tuple[list[float], list[float]]], title:
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
+
+
+def _save(fig, path: Path) -> None:
+    """Atomically: a reader sees the old image or the whole new one."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

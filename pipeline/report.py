@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import plots, stages
+from pipeline.fileio import write_text_atomic
 
 
 def _key_metrics(kind: str) -> tuple[str, ...]:
@@ -147,7 +148,7 @@ def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> P
     if figures:
         parts += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in figures] + [""]
     path = run_dir / "report.md"
-    path.write_text("\n".join(parts))
+    write_text_atomic(path, "\n".join(parts))
     return path
 
 

@@ -144,13 +144,26 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     if trainer.eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     model_dir = ctx.stage_dir / "model"
-    trainer.save_model(str(model_dir))  # gathers ZeRO-3 / FSDP shards; adapters only for PEFT models
+    partial = ctx.stage_dir / ".model.partial"  # renamed into place once complete: a kill never leaves half a model
+    trainer.save_model(str(partial))  # gathers ZeRO-3 / FSDP shards; adapters only for PEFT models
     if ctx.is_main:
-        trainer.processing_class.save_pretrained(str(model_dir))
-        (ctx.stage_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        trainer.processing_class.save_pretrained(str(partial))
+        compat.drop_ref_adapter_copy(partial)  # DPO on a PeftModel saves TRL's frozen reference adapter too
+        replace_dir(partial, model_dir)
+        write_json_atomic(ctx.stage_dir / "log_history.json", trainer.state.log_history)
+    ctx.wait()
     metrics.update(modeling.trainable_summary(trainer.model))
     ctx.outputs["model"] = modeling.saved_ref(trainer.model, model_dir, base or ctx.recipe.model.name_or_path).as_dict()
     return metrics
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move a finished directory into place (an older one from an earlier attempt is removed first)."""
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    src.replace(dest)
 
 
 def resume_point(ctx, ckpt_dir: Path) -> str | None:

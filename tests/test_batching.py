@@ -184,7 +184,8 @@ def test_grouped_batches_are_homogeneous_and_in_random_order():
 
     torch.manual_seed(0)
     lengths = [int(x) for x in torch.randint(10, 200, (1000,))]
-    order = list(LengthGroupedBatches(lengths, batch_size=8, bucket_batches=25))
+    sampler = LengthGroupedBatches(lengths, batch_size=8, seed=0, bucket_batches=25)
+    order = list(sampler)
     assert sorted(order) == list(range(1000))  # every row once
     batches = [order[i : i + 8] for i in range(0, 1000, 8)]
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
@@ -192,4 +193,20 @@ def test_grouped_batches_are_homogeneous_and_in_random_order():
     # batches do not run from longest to shortest within a bucket: their order is shuffled
     maxima = [max(lengths[i] for i in b) for b in batches[:25]]
     assert maxima != sorted(maxima) and maxima != sorted(maxima, reverse=True)
-    assert list(LengthGroupedBatches(lengths, batch_size=8)) != order  # a new order each epoch (RNG advanced)
+    sampler.set_epoch(1)
+    assert list(sampler) != order  # a new order each epoch
+
+
+def test_grouped_order_depends_on_seed_and_epoch_only_so_a_resumed_run_skips_into_the_same_order():
+    from pipeline.batching import LengthGroupedBatches
+
+    lengths = list(range(5, 505))
+    first = LengthGroupedBatches(lengths, batch_size=8, seed=3)
+    first.set_epoch(2)
+    expected = list(first)
+    torch.manual_seed(123)  # the global RNG state at resume differs from the uninterrupted run's
+    torch.rand(7)
+    resumed = LengthGroupedBatches(lengths, batch_size=8, seed=3)
+    resumed.set_epoch(2)
+    assert list(resumed) == expected
+    assert list(LengthGroupedBatches(lengths, batch_size=8, seed=4)) != expected

@@ -141,3 +141,30 @@ def test_a_damaged_manifest_without_backup_is_one_clear_error_with_the_recovery_
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"error: {run_dir / 'manifest.json'} is damaged (not valid JSON" in out.stderr
     assert f"mv {run_dir / 'manifest.json'}" in out.stderr
+
+
+@pytest.mark.parametrize("batching", ["grouped", "padded"])
+def test_a_run_interrupted_mid_epoch_resumes_to_the_same_model_as_an_uninterrupted_one(
+    make_recipe, tmp_path, monkeypatch, batching
+):
+    recipe = load_recipe(
+        make_recipe({"stages": {"sft": {"train": {"max_steps": 30, "save_steps": 6, "batching": batching}}}})
+    )
+    straight = runner.run_stage(recipe, "sft", tmp_path / "straight")
+
+    from transformers.trainer_callback import CallbackHandler
+
+    real_step_end = CallbackHandler.on_step_end
+
+    def die_at_step_15(self, args, state, control):  # mid-epoch (20 batches of 8 a epoch), after checkpoint-12
+        if state.global_step == 15:
+            raise KeyboardInterrupt
+        return real_step_end(self, args, state, control)
+
+    monkeypatch.setattr(CallbackHandler, "on_step_end", die_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_stage(recipe, "sft", tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = runner.run_stage(recipe, "sft", tmp_path / "resumed")
+    assert resumed["metrics"]["resumed_from"] == "checkpoint-12"
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(straight["metrics"]["eval_loss"], rel=1e-6, abs=1e-7)

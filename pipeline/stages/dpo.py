@@ -88,7 +88,6 @@ def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
     yields.record(metrics, pair_warnings(ctx.name, summary), ctx.say)
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "margins.json", margins_series(history))
-        compat.drop_ref_adapter_copy(ctx.stage_dir / "model")
     return metrics
 
 
