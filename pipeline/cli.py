@@ -147,9 +147,13 @@ def _dispatch(args) -> int:
     from pipeline.tracking import check_online
 
     check_online(recipe)  # mode: online and W&B unreachable: fail now, not minutes into a stage
-    from pipeline.preflight import hub_model_problem
+    from pipeline.preflight import hub_data_problem, hub_model_problem
 
-    problem = hub_model_problem(recipe)  # a Hub model that cannot be fetched: now, not after minutes of retries
+    # a Hub model or dataset that cannot be fetched: now, not after minutes of retries inside a stage
+    from pipeline.runner import is_cached
+
+    to_run = [name for name in stages if not is_cached(recipe, name, run_dir)]
+    problem = hub_model_problem(recipe) or hub_data_problem(recipe, to_run)
     if problem:
         raise PipelineError(f"{recipe_path}: {problem}")
 

@@ -112,7 +112,7 @@ def hub_model_problem(recipe: Recipe) -> str | None:
         return None
     if _cached_hub_files(name, recipe.model.revision) is not None:
         return None
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if _hub_offline():
         return (
             f"model.name_or_path: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
             + offline_advice(name)
@@ -124,6 +124,48 @@ def hub_model_problem(recipe: Recipe) -> str | None:
     return (
         f"model.name_or_path: {name} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be "
         f"reached ({reason}). " + offline_advice(name)
+    )
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _cached_hub_dataset(repo_id: str) -> bool:
+    """Some copy of the Hub dataset is in the local caches (huggingface_hub's or datasets')."""
+    hub_cache = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or hub_cache.parent / "datasets")
+    owner_name = repo_id.replace("/", "--")
+    return (hub_cache / f"datasets--{owner_name}").is_dir() or any(
+        datasets_cache.glob(f"{repo_id.replace('/', '___')}*")
+    )
+
+
+def hub_data_problem(recipe: Recipe, stages: list[str]) -> str | None:
+    """Hub datasets of these stages that are not cached while the Hub cannot be reached: say so before any stage
+    starts, naming each one, instead of a stage failing after download retries. A short TCP probe."""
+    from pipeline.config.schema import iter_sources
+    from pipeline.tracking import unreachable
+
+    wanted = [
+        (f"stages.{name}.{where}", source.hub)
+        for name in stages
+        for where, source in iter_sources(recipe.stages[name])
+        if source.hub and not _cached_hub_dataset(source.hub)
+    ]
+    if not wanted or _hub_offline():  # offline: datasets reads its cache or fails at once, naming the dataset
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT") or HUB_URL
+    reason = unreachable(endpoint)
+    if reason is None:
+        return None
+    named = "; ".join(f"{where}: {repo}" for where, repo in wanted)
+    return (
+        f"Hub dataset(s) not in the local cache and the Hub ({endpoint}) cannot be reached ({reason}): {named}. "
+        + offline_advice(wanted[0][1], what="data")
     )
 
 

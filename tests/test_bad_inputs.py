@@ -441,7 +441,30 @@ CLI_CASES = [
         ("some-org/some-model", "cannot be reached", "huggingface-cli download"),
         env={"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HUB_OFFLINE": "0"},
     ),
+    Case(
+        "run-hub-dataset-unreachable",
+        lambda tmp: [
+            "run",
+            _run_recipe(tmp, {"stages": {"sft": {"data": {"train": {"hub": "some-org/some-data", "path": None}}}}}),
+            "--output-dir",
+            str(tmp / "run"),
+        ],
+        ("stages.sft.data.train: some-org/some-data", "cannot be reached", "use 'path:'", "HF_HUB_OFFLINE=1"),
+        env={"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HUB_OFFLINE": "0", "HF_HOME": "/nonexistent-hf"},
+    ),
+    Case(
+        "run-damaged-manifest",
+        lambda tmp: _damaged_manifest_run(tmp),
+        ("manifest.json is damaged", "not valid JSON", "To recover: move it aside"),
+    ),
 ]
+
+
+def _damaged_manifest_run(tmp: Path) -> list[str]:
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    (run_dir / "manifest.json").write_text('{"stages": {"sft": {"status": "do')
+    return ["run", _run_recipe(tmp), "--output-dir", str(run_dir)]
 
 CASES = RECIPE_CASES + SET_CASES + DATA_CASES + CLI_CASES
 
