@@ -466,6 +466,7 @@ def _damaged_manifest_run(tmp: Path) -> list[str]:
     (run_dir / "manifest.json").write_text('{"stages": {"sft": {"status": "do')
     return ["run", _run_recipe(tmp), "--output-dir", str(run_dir)]
 
+
 CASES = RECIPE_CASES + SET_CASES + DATA_CASES + CLI_CASES
 
 
