@@ -209,16 +209,8 @@ def _data_checks(recipe: Recipe, name: str) -> list:
         checks.append(lambda: prepare_pairs(data.train, data.eval, data))
     prompts = getattr(stage, "prompts", None)
     if local(prompts):
-        template = getattr(stage, "template", None) or _policy_template(
-            recipe, getattr(stage, "policy_from", None) or stage.reference
+        template = getattr(stage, "template", None) or recipe.policy_template(
+            getattr(stage, "policy_from", None) or stage.reference
         )
         checks.append(lambda: load_prompts(prompts, template))
     return checks
-
-
-def _policy_template(recipe: Recipe, stage: str) -> str:
-    """The template the policy of ``stage`` was trained with (following policy_from back to an sft stage)."""
-    cfg = recipe.stages.get(stage)
-    while cfg is not None and getattr(getattr(cfg, "data", None), "template", "none") in ("none", None):
-        cfg = recipe.stages.get(getattr(cfg, "policy_from", None) or "")
-    return cfg.data.template if cfg is not None else "alpaca"

@@ -162,3 +162,39 @@ def test_missing_data_files_are_reported_before_anything_runs(tmp_path):
         assert f"stages.sft.data.train.path: file not found: {tmp_path / 'nope.jsonl'}" in out.stderr
         assert "Traceback" not in out.stderr
     assert not (tmp_path / "run" / "manifest.json").exists()  # nothing started
+
+
+def _chain(**dpo_r2) -> dict:
+    """sft -> bon -> dpo -> dpo_r2 (-> eval), on the demo's files."""
+    demo = load_recipe(REPO / "recipes" / "demo.yaml").resolved_dict()
+    stages = {k: demo["stages"][k] for k in ("sft", "label", "reward", "bon", "dpo")}
+    stages["dpo_r2"] = {**demo["stages"]["dpo"], "policy_from": "dpo", **dpo_r2}
+    stages["eval"] = {**demo["stages"]["eval"], "policies": ["sft", "dpo", "dpo_r2"]}
+    return {**demo, "stages": stages}
+
+
+def test_any_policy_stage_is_a_policy_source_for_bon_dpo_eval_and_sft():
+    raw = _chain(reference_from="sft")
+    raw["stages"]["bon_r2"] = {**raw["stages"]["bon"], "policy_from": "dpo_r2"}
+    raw["stages"]["sft_r2"] = {**raw["stages"]["sft"], "init_from": "dpo_r2"}
+    recipe = recipe_from_dict(raw)
+    assert recipe.stages["dpo_r2"].upstream()["reference_from"] == "sft"
+    # the template of a DPO policy is the one its chain started with
+    assert recipe.policy_template("dpo_r2") == recipe.stages["sft"].data.template == "chat"
+
+
+@pytest.mark.parametrize(
+    ("field", "target", "message"),
+    [
+        ("reference_from", "bon", "stage 'bon' is a 'bon' stage; reference_from takes the output of a stage of kind"),
+        ("reference_from", "eval", "stage 'eval' must come before 'dpo_r2'"),
+        ("reference_from", "sfft", "no stage named 'sfft' (did you mean 'sft'?)"),
+        ("policy_from", "reward", "stage 'reward' is a 'reward' stage; policy_from takes"),
+    ],
+)
+def test_a_reference_or_policy_that_is_not_an_earlier_policy_stage_is_refused(field, target, message):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(_chain(**{field: target}))
+    assert f"stages.dpo_r2.{field}: {message}" in str(err.value)
+    if "kind" in message:
+        assert "'dpo' or 'sft'" in str(err.value) and "(any stage that trains a policy)" in str(err.value)

@@ -410,3 +410,54 @@ def test_combined_losses_reach_trl(sft_runs, pairs, tmp_path):
     assert trainer.args.loss_type == ["sigmoid", "sft"] and trainer.loss_weights == [1.0, 0.5]
     assert trainer.beta == 0.2 and trainer.args.max_length == 128 and setup.reference == "frozen copy"
     assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+# ---------------------------------------------------------------- rounds: DPO from a DPO policy
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "4bit"])
+def test_round_two_continues_round_one_against_the_reference_from_policy(kind, sft_runs, pairs, tmp_path, monkeypatch):
+    """dpo_r2 starts from dpo's model (its adapter continued for LoRA / 4-bit) while its reference is the SFT
+    policy named by reference_from, loaded independently and frozen."""
+    run_dir = sft_runs.copy(kind, tmp_path / "run")
+    raw = sft_runs.recipe_dict(kind)
+    raw["stages"]["dpo"] = dpo_stage(pairs)
+    raw["stages"]["dpo_r2"] = dpo_stage(pairs, policy_from="dpo", reference_from="sft")
+    recipe = load_recipe(write_recipe(tmp_path, raw))
+    records = read_jsonl(pairs["eval"])
+    runner.run_stage(recipe, "dpo", run_dir)
+
+    seen = {}
+    build = dpo.build_trainer
+
+    def spy(ctx):
+        trainer, summary, setup = build(ctx)
+        seen.update(
+            trainer=trainer,
+            ref_before=trl_reference_logps(trainer),
+            policy_before=completion_logps(trainer.model, trainer.processing_class, records),
+        )
+        return trainer, summary, setup
+
+    monkeypatch.setattr(dpo, "build_trainer", spy)
+    entry = runner.run_stage(recipe, "dpo_r2", run_dir)
+    trainer, metrics = seen["trainer"], entry["metrics"]
+    tok = trainer.processing_class
+    assert entry["status"] == "done" and metrics["steps"] == 8
+    assert metrics["reference"] == "frozen reference_from model" and metrics["reference_stage"] == "sft"
+
+    def independent(stage):
+        ref = modeling.ModelRef.from_dict(Manifest(run_dir).stage(stage)["outputs"]["model"])
+        model = modeling.load_policy(recipe.model, recipe.lora, init=ref, trainable=False)
+        return completion_logps(model, tok, records)
+
+    sft_logps, round_one = independent("sft"), independent("dpo")
+    ref_after = trl_reference_logps(trainer)
+    assert torch.allclose(seen["ref_before"], ref_after, atol=1e-5)  # frozen
+    assert torch.allclose(ref_after, sft_logps, atol=2e-3), (ref_after - sft_logps).abs().max()
+    assert torch.allclose(seen["policy_before"], round_one, atol=0.05), (seen["policy_before"] - round_one).abs().max()
+    assert margin(round_one) > margin(sft_logps) + 0.5  # round one moved: the two are different models
+    out = entry["outputs"]["model"]
+    assert out["kind"] == ("full" if kind == "full" else "adapter")
+    if kind != "full":
+        assert out["base"] == Manifest(run_dir).stage("sft")["outputs"]["model"]["base"]  # the chain's base

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.config.schema import DataSource, Recipe, StageConfig, iter_sources, map_sources, suggest
+from pipeline.config.schema import POLICY, DataSource, Recipe, StageConfig, iter_sources, map_sources, suggest
 from pipeline.errors import RecipeError
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
             if target in reported:
                 continue
             reported.add(target)
-            allowed = stage.FROM_FIELDS[field.split("[")[0]]
+            allowed = _expand(stage.FROM_FIELDS[field.split("[")[0]])
             loc = f"stages.{name}.{field}"
             if target not in recipe.stages:
                 errors.append(f"{loc}: no stage named {target!r}{suggest(target, names)}; stages: {', '.join(names)}")
@@ -138,7 +138,18 @@ def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
                 errors.append(
                     f"{loc}: stage {target!r} is a {recipe.stages[target].kind!r} stage; "
                     f"{field} takes the output of a stage of kind {' or '.join(map(repr, allowed))}"
+                    + (" (any stage that trains a policy)" if POLICY in stage.FROM_FIELDS[field.split("[")[0]] else "")
                 )
+
+
+def _expand(allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """POLICY -> every registered kind whose model output is a policy (causal LM head)."""
+    if POLICY not in allowed:
+        return allowed
+    from pipeline.stages import kinds
+
+    policies = tuple(name for name, kind in kinds().items() if kind.model_head == "causal_lm")
+    return tuple(dict.fromkeys([k for k in allowed if k != POLICY] + list(policies)))
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:

@@ -244,11 +244,15 @@ class TrainConfig(Strict):
 # --------------------------------------------------------------------------------------------
 
 
+# In FROM_FIELDS: any stage whose model output is a policy (a causal LM: sft, dpo, ...), per the kind registry.
+POLICY = "policy"
+
+
 class StageConfig(Strict):
     """Base of all stage configs. ``kind`` says what the stage is; its name is free."""
 
     KIND: ClassVar[str] = ""
-    # field name -> stage kinds that field may point at
+    # field name -> stage kinds that field may point at (POLICY: any policy-producing kind)
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     kind: str
@@ -344,6 +348,20 @@ class Recipe(Strict):
                 f"stages: {', '.join(self.stages)}"
             )
         return self.stages[name]
+
+    def policy_template(self, stage: str) -> str:
+        """The prompt template the policy of ``stage`` was trained with: its own ``data.template``, else that of the
+        stage it starts from (``init_from`` / ``policy_from``), back to an SFT stage."""
+        seen: set[str] = set()
+        name: str | None = stage
+        while name and name in self.stages and name not in seen:
+            seen.add(name)
+            cfg = self.stages[name]
+            template = getattr(getattr(cfg, "data", None), "template", None)
+            if template and template != "none":
+                return template
+            name = getattr(cfg, "init_from", None) or getattr(cfg, "policy_from", None)
+        return "alpaca"
 
     def resolved_dict(self) -> dict[str, Any]:
         """The recipe as it will run: defaults filled in, paths absolute. Saved beside every output."""

@@ -19,8 +19,16 @@ class DPOModels:
     reference: str  # which reference, for the stage metrics
 
 
-def load_dpo_models(cfg: ModelConfig, lora: LoraConfig | None, sft: ModelRef, precompute: bool = False) -> DPOModels:
-    """The DPO policy and its reference. The reference is always the SFT policy ``sft``, frozen.
+def load_dpo_models(
+    cfg: ModelConfig,
+    lora: LoraConfig | None,
+    sft: ModelRef,
+    precompute: bool = False,
+    reference: ModelRef | None = None,
+) -> DPOModels:
+    """The DPO policy and its reference. The reference is the policy's start ``sft`` (any policy stage's model:
+    SFT, or an earlier DPO round), frozen -- or, when ``reference`` is given (``reference_from``), that policy,
+    loaded a second time and frozen (``ref_model``; TRL then neither copies the adapter nor disables it).
 
     ======================  ===========  ============================  ==========================  =====================
     SFT output (``sft``)    recipe lora  policy                        handed to DPOTrainer        reference
@@ -48,6 +56,8 @@ def load_dpo_models(cfg: ModelConfig, lora: LoraConfig | None, sft: ModelRef, pr
     Every 4-bit layer is patched by ``fix_cpu_4bit`` (in ``load_base``) before TRL's first no-grad forward
     (precompute, eval_on_start); TRL's 'ref' adapter reuses those layers and creates none.
     """
+    if reference is not None:
+        return _with_reference(cfg, lora, sft, reference)
     if sft.kind == "adapter":
         return DPOModels(load_policy(cfg, lora, init=sft, trainable=True), None, None, "frozen sft adapter")
     if lora is not None:
@@ -61,6 +71,26 @@ def load_dpo_models(cfg: ModelConfig, lora: LoraConfig | None, sft: ModelRef, pr
     if precompute:
         return DPOModels(policy, None, None, "precomputed")
     return DPOModels(policy, frozen(load_policy(cfg, None, init=sft, trainable=False)), None, "frozen copy")
+
+
+def _with_reference(cfg: ModelConfig, lora: LoraConfig | None, start: ModelRef, reference: ModelRef) -> DPOModels:
+    """Policy from ``start`` (its adapter continued, or a new LoRA on a full model, or full fine-tuning); the
+    reference a separate frozen model loaded from ``reference``."""
+    ref_model = load_policy(cfg, None, init=reference, trainable=False)
+    if hasattr(ref_model, "get_base_model"):
+        # an adapter reference: TRL wants a plain transformers model (it patches its backbone and LM head);
+        # PEFT injects the LoRA layers into the base model in place, so the base model computes with them
+        ref_model = ref_model.get_base_model()
+    ref_model = frozen(ref_model)
+    if start.kind == "adapter" or lora is None:
+        policy = load_policy(cfg, lora if start.kind == "adapter" else None, init=start, trainable=True)
+        return DPOModels(policy, ref_model, None, "frozen reference_from model")
+    from peft import prepare_model_for_kbit_training
+
+    model = load_base(cfg, path=start.path)
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return DPOModels(model, ref_model, peft_config(lora), "frozen reference_from model")
 
 
 def frozen(model):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import selection, yields
-from pipeline.config.schema import DataSource, StageConfig, Strict, function_ref, function_refs
+from pipeline.config.schema import POLICY, DataSource, StageConfig, Strict, function_ref, function_refs
 from pipeline.context import StageContext
 from pipeline.data.prompts import PromptRecord, load_prompts
 from pipeline.errors import PipelineError
@@ -54,7 +54,7 @@ class BonStage(StageConfig):
     the best as SFT rows and best-vs-worst as preference pairs."""
 
     KIND: ClassVar[str] = "bon"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",), "scorer.reward_from": ("reward",)}
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": (POLICY,), "scorer.reward_from": ("reward",)}
 
     kind: Literal["bon"] = "bon"
     policy_from: str = Field(..., description="The sft stage whose model samples.")
@@ -78,7 +78,7 @@ def run(ctx: StageContext[BonStage]) -> dict[str, Any]:
     from pipeline.scoring import load_function
 
     cfg, recipe = ctx.cfg, ctx.recipe
-    template = cfg.template or recipe.stages[cfg.policy_from].data.template
+    template = cfg.template or recipe.policy_template(cfg.policy_from)
     prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
     checks = {name: load_function(ref, f"stages.{ctx.name}.report.{name}") for name, ref in cfg.report.items()}
 

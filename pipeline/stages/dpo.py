@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipeline import compat, yields
-from pipeline.config.schema import PairsStageConfig, TrainConfig
+from pipeline.config.schema import POLICY, PairsStageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs, summary_line
 from pipeline.errors import PipelineError, RecipeError
@@ -28,14 +28,21 @@ log = logging.getLogger(__name__)
 
 
 class DPOStage(PairsStageConfig):
-    """DPO against a frozen reference: the policy_from model (TRL DPOTrainer)."""
+    """DPO against a frozen reference (TRL DPOTrainer): by default the policy_from model, as it starts."""
 
     KIND: ClassVar[str] = "dpo"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": ("sft",), **PairsStageConfig.PAIR_SOURCES}
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "policy_from": (POLICY,),
+        "reference_from": (POLICY,),
+        **PairsStageConfig.PAIR_SOURCES,
+    }
 
     kind: Literal["dpo"] = "dpo"
-    policy_from: str = Field(
-        ..., description="The sft stage whose model is the policy's start and the frozen reference."
+    policy_from: str = Field(..., description="The policy stage (sft, dpo, ...) whose model training starts from.")
+    reference_from: str | None = Field(
+        None,
+        description="The policy stage whose model is the frozen reference (default: policy_from). Iterative DPO "
+        "often keeps the SFT model as every round's reference.",
     )
     beta: float = Field(0.1, gt=0)
     loss_type: str | list[str] = Field("sigmoid", description="Any TRL DPO loss, or a list combined with loss_weights.")
@@ -80,6 +87,7 @@ def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
     metrics.update(train_metrics(history))
     metrics.update(
         reference=setup.reference,
+        reference_stage=ctx.cfg.reference_from or ctx.cfg.policy_from,
         ref_log_probs="precomputed" if ctx.cfg.precompute_ref_log_probs else "every step",
         ref_logp_batches_computed=trainer.ref_logp_batches,
         train_pairs=summary["train"]["kept"],
@@ -115,7 +123,10 @@ def build_trainer(ctx: StageContext[DPOStage]):
         )
     except ValueError as exc:
         raise RecipeError(f"stages.{ctx.name}: TRL's DPOConfig refuses these settings: {exc}") from None
-    setup = modeling.load_dpo_models(recipe.model, recipe.lora, policy, precompute=cfg.precompute_ref_log_probs)
+    reference = ctx.model_of(cfg.reference_from) if cfg.reference_from not in (None, cfg.policy_from) else None
+    setup = modeling.load_dpo_models(
+        recipe.model, recipe.lora, policy, precompute=cfg.precompute_ref_log_probs, reference=reference
+    )
     trainer = compat.length_grouped(compat.dpo_trainer_class())(
         model=setup.model,
         ref_model=setup.ref_model,

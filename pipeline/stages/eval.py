@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from pipeline import plots, selection
-from pipeline.config.schema import DataSource, StageConfig, function_refs
+from pipeline.config.schema import POLICY, DataSource, StageConfig, function_refs
 from pipeline.context import StageContext
 from pipeline.data.prompts import load_prompts
 from pipeline.fileio import write_json_atomic, write_jsonl_atomic
@@ -29,8 +29,8 @@ class EvalStage(StageConfig):
 
     KIND: ClassVar[str] = "eval"
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "policies": ("sft", "dpo"),
-        "reference": ("sft", "dpo"),
+        "policies": (POLICY,),
+        "reference": (POLICY,),
         "bon_from": ("bon",),
         "reward_from": ("reward",),
     }
@@ -61,7 +61,7 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     cfg, recipe = ctx.cfg, ctx.recipe
     if not ctx.is_main:  # evaluation is cheap next to training: one process does it
         return {}
-    template = cfg.template or _template_of(recipe, cfg.reference)
+    template = cfg.template or recipe.policy_template(cfg.reference)
     prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
     checks = {name: load_function(ref, f"stages.{ctx.name}.checkers.{name}") for name, ref in cfg.checkers.items()}
     rm = reward_scorer(ctx, cfg.reward_from) if cfg.reward_from else None
@@ -138,13 +138,6 @@ def _write_outputs(ctx: StageContext[EvalStage], report: dict, rows: list[dict],
         title = "reward-model score per policy (held-out prompts)"
         path = plots.histogram(ctx.stage_dir / "reward_distribution.png", rewards, title, "reward")
         ctx.outputs["reward_distribution"] = str(path)
-
-
-def _template_of(recipe, stage: str) -> str:
-    cfg = recipe.stages[stage]
-    while getattr(cfg, "data", None) is None or not hasattr(cfg.data, "template") or cfg.data.template == "none":
-        cfg = recipe.stages[cfg.policy_from]
-    return cfg.data.template
 
 
 def _load(ctx: StageContext[EvalStage], stage: str):

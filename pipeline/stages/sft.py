@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from pipeline import compat, yields
-from pipeline.config.schema import SFTDataConfig, StageConfig, TrainConfig
+from pipeline.config.schema import POLICY, SFTDataConfig, StageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
 from pipeline.data.sources import holdout_split
@@ -20,7 +20,7 @@ class SFTStage(StageConfig):
 
     KIND: ClassVar[str] = "sft"
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "init_from": ("sft",),
+        "init_from": (POLICY,),
         "data.train.from_stage": ("bon",),  # rejection-sampling fine-tuning: SFT on best-of-n's best
         "data.eval.from_stage": ("bon",),
     }
@@ -28,7 +28,9 @@ class SFTStage(StageConfig):
     kind: Literal["sft"] = "sft"
     data: SFTDataConfig
     train: TrainConfig = TrainConfig()
-    init_from: str | None = Field(None, description="Continue from the model of an earlier sft stage.")
+    init_from: str | None = Field(
+        None, description="Continue from the model of an earlier policy stage (sft, dpo, ...)."
+    )
 
 
 def run(ctx: StageContext[SFTStage]) -> dict[str, Any]:
