@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.config.rounds import expand_rounds
 from pipeline.config.schema import POLICY, DataSource, Recipe, StageConfig, iter_sources, map_sources, suggest
 from pipeline.errors import RecipeError
 
@@ -69,6 +70,7 @@ def recipe_from_dict(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     if not isinstance(stages_raw, dict) or not stages_raw:
         errors.append("stages: required; a mapping of stage name -> settings, e.g. stages: {sft: {kind: sft, ...}}")
         stages_raw = {}
+    stages_raw = expand_rounds(stages_raw, errors)
     stages: dict[str, StageConfig] = {}
     for name, body in stages_raw.items():
         stage = _validate_stage(str(name), body, errors)
