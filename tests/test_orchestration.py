@@ -85,6 +85,72 @@ def test_kill_during_bon_then_run_resumes_from_finished_shards(policy_copy):
     assert len(keys) == len(set(keys)) == entry["metrics"]["prompts"] * 8
 
 
+TRAINED_AFTER_LABEL = {
+    # name: (stage settings, kill point: a checkpoint of this step exists)
+    "reward": {"kind": "reward", "base_from": "sft", "pairs_from": "label", "data": {"eval_fraction": 0.15}},
+    "dpo": {"kind": "dpo", "policy_from": "sft", "pairs_from": "label", "beta": 0.3},
+    "dpo_precomputed": {
+        "kind": "dpo",
+        "policy_from": "sft",
+        "pairs_from": "label",
+        "beta": 0.3,
+        "precompute_ref_log_probs": True,
+    },
+}
+SHORT_TRAIN = {"learning_rate": 1e-4, "max_steps": 60, "batch_size": 8, "save_steps": 4, "logging_steps": 20}
+
+
+@pytest.mark.parametrize("stage", list(TRAINED_AFTER_LABEL))
+def test_kill_during_reward_or_dpo_then_run_resumes_from_the_checkpoint(policy_copy, stage):
+    recipe_path, run_dir = policy_copy
+    raw = yaml.safe_load(Path(recipe_path).read_text())
+    raw["stages"]["label"]["prompts"]["limit"] = 120
+    raw["stages"][stage] = {**TRAINED_AFTER_LABEL[stage], "train": SHORT_TRAIN}
+    recipe = write(run_dir.parent, raw)
+    proc = start_run(recipe, run_dir)
+    kill_when(proc, lambda: any((run_dir / stage).glob("checkpoints-*/checkpoint-8/trainer_state.json")))
+    assert manifest(run_dir)[stage]["status"] == "running" and not (run_dir / stage / "model").exists()
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[sft] cached" in out.stdout and "[label] cached" in out.stdout
+    entry = manifest(run_dir)[stage]
+    assert entry["status"] == "done" and entry["metrics"]["steps"] == 60
+    assert int(entry["metrics"]["resumed_from"].split("-")[1]) >= 8  # resumed, not restarted
+    if stage == "dpo_precomputed":  # the reference log-probs were computed before the kill and reused
+        assert entry["metrics"]["ref_logp_batches_computed"] == 0
+
+
+def test_kill_during_eval_then_run_finishes_it(policy_copy):
+    recipe_path, run_dir = policy_copy
+    raw = yaml.safe_load(Path(recipe_path).read_text())
+    del raw["stages"]["label"]
+    raw["stages"]["eval"] = {
+        "kind": "eval",
+        "prompts": {"path": str(TINY / "prompts_eval.jsonl")},
+        "policies": ["sft"],
+        "reference": "sft",
+        "max_new_tokens": 24,
+        "checkers": {"gold_accuracy": "pipeline.tinytasks:answer_correct"},
+    }
+    recipe = write(run_dir.parent, raw)
+    proc = start_run(recipe, run_dir)
+    # eval of one tiny policy takes about a second: kill it as soon as it is marked running
+    kill_when(proc, lambda: manifest_or_empty(run_dir).get("eval", {}).get("status") == "running")
+    assert manifest(run_dir)["eval"]["status"] == "running" and not (run_dir / "eval" / "metrics.json").exists()
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert manifest(run_dir)["eval"]["status"] == "done" and metrics["prompts"] > 300
+    assert 0.3 < metrics["policies"]["sft"]["gold_accuracy"] <= 1.0
+
+
+def manifest_or_empty(run_dir: Path) -> dict:
+    try:
+        return manifest(run_dir)
+    except (OSError, ValueError):
+        return {}
+
+
 def test_failed_stage_stops_the_run_keeps_earlier_outputs_and_reports(make_recipe, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "Add.", "input": "1 and 2", "output": ""}) + "\n")

@@ -1,0 +1,82 @@
+"""GRPO from a trained policy, rewarded by checkers: the policy moves towards what they reward; a reward function
+that raises or returns a non-number stops the stage with one clear error naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import runner
+from pipeline.config import load_recipe
+from pipeline.errors import PipelineError
+
+from conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def grpo_stage(**extra) -> dict:
+    stage = {
+        "kind": "grpo",
+        "policy_from": "sft",
+        "prompts": {"path": str(TINY / "prompts_label.jsonl"), "limit": 64},
+        "rewards": {"preferred": {"checker": "pipeline.tinytasks:preferred"}},
+        "num_generations": 4,
+        "max_new_tokens": 16,
+        "train": {"learning_rate": 1e-4, "max_steps": 6, "batch_size": 2, "logging_steps": 1, "save_steps": 3},
+    }
+    stage.update(extra)
+    return stage
+
+
+def with_grpo(policy_copy, **extra):
+    recipe_path, run_dir = policy_copy
+    raw = yaml.safe_load(Path(recipe_path).read_text())
+    del raw["stages"]["label"]
+    raw["stages"]["grpo"] = grpo_stage(**extra)
+    path = run_dir.parent / "grpo.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_recipe(path), run_dir
+
+
+def test_grpo_trains_the_policy_on_checker_rewards_and_reports_them(policy_copy):
+    recipe, run_dir = with_grpo(policy_copy)
+    entry = runner.run_stage(recipe, "grpo", run_dir)
+    metrics = entry["metrics"]
+    assert entry["status"] == "done" and metrics["steps"] == 6
+    assert 0.0 <= metrics["reward_preferred_first"] <= 1.0 and "reward_preferred_last" in metrics
+    assert "kl" in metrics and metrics["completion_length_mean"] > 0 and metrics["train_prompts"] == 64
+    out = entry["outputs"]["model"]
+    assert out["kind"] == "full" and (Path(out["path"]) / "model.safetensors").is_file()
+
+    # the trained policy differs from the SFT policy it started from
+    from safetensors.torch import load_file
+
+    sft_weights = load_file(str(run_dir / "sft" / "model" / "model.safetensors"))
+    grpo_weights = load_file(str(Path(out["path"]) / "model.safetensors"))
+    assert any(not (sft_weights[k] == grpo_weights[k]).all() for k in sft_weights)
+
+
+def raising(row, response):
+    raise ValueError("no gold answer in this row")
+
+
+def not_a_number(row, response):
+    return "yes"
+
+
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        ("raising", "stages.grpo: reward 'bad' raised ValueError: no gold answer in this row"),
+        ("not_a_number", "stages.grpo: reward 'bad': checker bad returned str ('yes'); it must return a number"),
+    ],
+)
+def test_a_reward_that_raises_or_returns_a_non_number_is_one_clear_error(policy_copy, fn, message, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    recipe, run_dir = with_grpo(policy_copy, rewards={"bad": {"checker": f"test_grpo:{fn}"}})
+    with pytest.raises(PipelineError) as err:
+        runner.run_stage(recipe, "grpo", run_dir)
+    assert message in str(err.value)
