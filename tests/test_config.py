@@ -197,4 +197,5 @@ def test_a_reference_or_policy_that_is_not_an_earlier_policy_stage_is_refused(fi
         recipe_from_dict(_chain(**{field: target}))
     assert f"stages.dpo_r2.{field}: {message}" in str(err.value)
     if "kind" in message:
-        assert "'dpo' or 'sft'" in str(err.value) and "(any stage that trains a policy)" in str(err.value)
+        assert all(f"'{kind}'" in str(err.value) for kind in ("sft", "dpo", "grpo"))
+        assert "(any stage that trains a policy)" in str(err.value)

@@ -47,7 +47,9 @@ def test_grpo_trains_the_policy_on_checker_rewards_and_reports_them(policy_copy)
     metrics = entry["metrics"]
     assert entry["status"] == "done" and metrics["steps"] == 6
     assert 0.0 <= metrics["reward_preferred_first"] <= 1.0 and "reward_preferred_last" in metrics
-    assert "kl" in metrics and metrics["completion_length_mean"] > 0 and metrics["train_prompts"] == 64
+    assert (
+        "kl" in metrics and metrics["completion_length_mean"] > 0 and 50 < metrics["train_prompts"] <= 64
+    )  # duplicates are sampled once
     out = entry["outputs"]["model"]
     assert out["kind"] == "full" and (Path(out["path"]) / "model.safetensors").is_file()
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from pipeline import compat, plots, yields
-from pipeline.config.schema import PairsStageConfig, TrainConfig
+from pipeline.config.schema import POLICY, PairsStageConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs, summary_line
 from pipeline.errors import GateFailed
@@ -25,7 +25,7 @@ class RewardStage(PairsStageConfig):
     """A reward model: a sequence classifier with one output, trained on preference pairs (TRL RewardTrainer)."""
 
     KIND: ClassVar[str] = "reward"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"base_from": ("sft",), **PairsStageConfig.PAIR_SOURCES}
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"base_from": (POLICY,), **PairsStageConfig.PAIR_SOURCES}
 
     kind: Literal["reward"] = "reward"
     base_from: str | None = Field(
