@@ -334,11 +334,12 @@ class Setup:
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+TRAINING_KINDS = ("sft", "reward", "dpo", "grpo")
 
 
 def stage_setup(recipe: Recipe, name: str, prompt_tokens: int | None = None) -> Setup:
     stage, model = recipe.stage(name), recipe.model
-    if stage.kind not in ("sft", "reward", "dpo", "bon", "eval"):  # the kinds this memory model knows
+    if stage.kind not in ("sft", "reward", "dpo", "grpo", "bon", "eval"):  # the kinds this memory model knows
         raise PipelineError(f"stage {name!r}: plan has no memory model for stage kind {stage.kind!r}")
     wb = _DTYPE_BYTES[model.dtype]
     common = dict(
@@ -348,21 +349,24 @@ def stage_setup(recipe: Recipe, name: str, prompt_tokens: int | None = None) -> 
         lora=recipe.lora,
         checkpointing=model.gradient_checkpointing,
     )
-    if stage.kind in ("sft", "reward", "dpo"):
+    if stage.kind in TRAINING_KINDS:
         train = stage.train
         # fp32 weights without autocast compute in fp32; otherwise matmul outputs are bf16/fp16
         act = 4 if (train.precision == "fp32" and wb == 4) else 2
         pair = 2 if stage.kind in ("reward", "dpo") else 1  # chosen and rejected in one forward
         reference = "none"
-        if stage.kind == "dpo" and not stage.precompute_ref_log_probs:
+        if (stage.kind == "dpo" and not stage.precompute_ref_log_probs) or (stage.kind == "grpo" and stage.beta > 0):
             reference = "adapter" if recipe.lora is not None else "copy"
+        # GRPO trains on batch_size prompts x num_generations completions of prompt + max_new_tokens tokens
+        group = stage.num_generations if stage.kind == "grpo" else 1
+        length = (prompt_tokens or DEFAULT_PROMPT_TOKENS) + stage.max_new_tokens if stage.kind == "grpo" else None
         return Setup(
             kind=stage.kind,
             head="reward" if stage.kind == "reward" else "causal_lm",
             act_bytes=act,
             optim=train.optim,
-            sequences=pair * train.batch_size,
-            length=stage.data.max_length,
+            sequences=pair * group * train.batch_size,
+            length=length or stage.data.max_length,
             grad_accum=train.gradient_accumulation_steps,
             reference=reference,
             **common,
@@ -789,20 +793,20 @@ def _describe(shape: ModelShape, s: Setup, dist: Distribution) -> str:
     method = (
         f"{quant} + LoRA r={s.lora.r}"
         if s.lora is not None
-        else (f"{quant} full" if s.kind in ("sft", "reward", "dpo") else quant)
+        else (f"{quant} full" if s.kind in TRAINING_KINDS else quant)
     )
     parts = [f"{shape.arch} ({count(shape.total)} params)", method]
-    if s.kind in ("sft", "reward", "dpo"):
-        pair = " (chosen + rejected)" if s.kind != "sft" else ""
+    if s.kind in TRAINING_KINDS:
+        pair = " (chosen + rejected)" if s.kind in ("reward", "dpo") else ""
         parts += [
             f"{s.sequences} x {s.length} tokens{pair}",
             f"checkpointing {'on' if s.checkpointing else 'off'}",
             s.optim,
         ]
-        if s.kind == "dpo":
+        if s.kind in ("dpo", "grpo"):
             parts.append(
                 {
-                    "none": "precomputed reference",
+                    "none": "precomputed reference" if s.kind == "dpo" else "no reference (beta 0)",
                     "copy": "reference: full copy",
                     "adapter": "reference: frozen adapter",
                 }[s.reference]
@@ -824,7 +828,7 @@ def plan_stage(
     stage = recipe.stage(name)
     s = stage_setup(recipe, name, prompt_tokens)
     m = recipe.model
-    if s.kind in ("sft", "reward", "dpo"):
+    if s.kind in TRAINING_KINDS:
         shape = model_shape(m.name_or_path, m.revision, m.trust_remote_code, s.head)
         terms, other, phase, notes = training_plan(shape, s, dist)
         if s.quantization == "4bit" and dist.kind == "zero3":
@@ -856,7 +860,7 @@ def candidate_changes(recipe: Recipe, name: str, dist: Distribution) -> list[tup
     """Changes that lower a stage's peak, as (description, --set overrides, launch)."""
     stage, model, out = recipe.stage(name), recipe.model, []
     key = f"stages.{name}"
-    if stage.kind in ("sft", "reward", "dpo"):
+    if stage.kind in TRAINING_KINDS:
         b, ga = stage.train.batch_size, stage.train.gradient_accumulation_steps
         for smaller in sorted({max(1, b // 2), max(1, b // 4), 1}, reverse=True):
             if smaller < b:

@@ -96,8 +96,11 @@ def overrides(recipe: dict, replica: str, files: dict[str, Path]) -> list[str]:
             local = {k: v for k, v in source.items() if k in ("format", "columns")}
             out.append(f"stages.{name}.{key}=" + json.dumps({"path": str(files[source["hub"]]), **local}))
         if "train" in stage:
-            # enough steps for the SFT policy to learn to end its replies (best-of-n keeps only finished ones)
-            steps = {**CPU, "max_steps": 32, "learning_rate": 3e-3} if stage["kind"] == "sft" else CPU
+            # enough steps for the SFT policy to learn to end its replies (best-of-n keeps only finished ones);
+            # random batches: 32 steps on 16 rows were calibrated with them (grouped orders differ per seed)
+            steps = (
+                {**CPU, "max_steps": 32, "learning_rate": 3e-3, "batching": "padded"} if stage["kind"] == "sft" else CPU
+            )
             out += [f"stages.{name}.train.{k}={json.dumps(v)}" for k, v in steps.items()]
         if stage["kind"] == "reward":
             out.append(f"stages.{name}.min_accuracy=null")  # a 2-step reward model on 16 rows gates nothing
