@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from pipeline import runner
+from pipeline.artifacts import Manifest
 from pipeline.config import load_recipe
 from pipeline.errors import PipelineError
 
@@ -82,3 +83,41 @@ def test_a_reward_that_raises_or_returns_a_non_number_is_one_clear_error(policy_
     with pytest.raises(PipelineError) as err:
         runner.run_stage(recipe, "grpo", run_dir)
     assert message in str(err.value)
+
+
+def test_grpo_trains_a_new_lora_on_a_4bit_base_with_the_starting_policy_as_reference(policy_copy):
+    recipe_path, run_dir = policy_copy
+    raw = yaml.safe_load(Path(recipe_path).read_text())
+    del raw["stages"]["label"]
+    raw["model"]["quantization"] = "4bit"
+    raw["lora"] = {"r": 8, "alpha": 16}
+    raw["stages"]["grpo"] = grpo_stage(train={**grpo_stage()["train"], "learning_rate": 3e-3})
+    path = run_dir.parent / "grpo-qlora.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    entry = runner.run_stage(load_recipe(path), "grpo", run_dir)
+    out, metrics = entry["outputs"]["model"], entry["metrics"]
+    assert entry["status"] == "done" and metrics["steps"] == 6
+    sft_model = Manifest(run_dir).stage("sft")["outputs"]["model"]["path"]
+    assert out["kind"] == "adapter" and out["base"] == sft_model  # a new adapter on the SFT model
+    assert metrics["trainable_parameters"] < metrics["parameters"] / 2 and "kl" in metrics
+
+
+def test_grpo_rewards_from_a_reward_stage_and_a_checker_together(policy_copy):
+    recipe_path, run_dir = policy_copy
+    raw = yaml.safe_load(Path(recipe_path).read_text())
+    raw["stages"]["label"]["prompts"]["limit"] = 120
+    raw["stages"]["reward"] = {
+        "kind": "reward",
+        "base_from": "sft",
+        "pairs_from": "label",
+        "train": {"learning_rate": 1e-4, "max_steps": 10, "batch_size": 8, "save_steps": 100},
+    }
+    raw["stages"]["grpo"] = grpo_stage(reward_from="reward", reward_weight=0.5)
+    path = run_dir.parent / "grpo-rm.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    recipe = load_recipe(path)
+    for name in ("label", "reward", "grpo"):
+        entry = runner.run_stage(recipe, name, run_dir)
+    metrics = entry["metrics"]
+    assert entry["status"] == "done"
+    assert "reward_reward_model_first" in metrics and "reward_preferred_first" in metrics
