@@ -29,6 +29,7 @@ def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
     assert (
         "## Held-out evaluation" in report and "dpo_margins.png" in report and "reward_reward_histogram.png" in report
     )
+    assert "## Held-out evaluation (346 prompts, reference `sft`)" in report
 
     policies = json.loads((run_dir / "eval" / "metrics.json").read_text())["policies"]
     sft, bon, dpo = policies["sft"], policies["bon"], policies["dpo"]

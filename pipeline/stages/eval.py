@@ -100,7 +100,7 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     report = {"prompts": prompt_stats["prompts"], "reference": cfg.reference, "policies": results}
     _write_outputs(ctx, report, rows, rewards)
     ctx.say(text_table(policy_rows(report, first_samples=False)))
-    return {"prompts": prompt_stats["prompts"], "policies": results}
+    return report  # the stage's metrics.json is this report (the runner rewrites it from what a stage returns)
 
 
 def _greedy(ctx: StageContext[EvalStage], model, reference, tokenizer, prompts, prompt_ids, checks, rm):
