@@ -103,28 +103,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     cfg, seed = ctx.cfg, ctx.seed
     started = time.time()
     if ctx.is_main:
-        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(ctx.stage_dir / "recipe.yaml", recipe.resolved_yaml())
-        manifest.update_stage(
-            recipe,
-            name,
-            kind=cfg.kind,
-            status="running",
-            config_hash=digest,
-            upstream=upstream,
-            started_at=now(),
-            ended_at=None,
-            duration_s=None,
-            error=None,
-            world_size=state.num_processes,
-            distributed_type=str(
-                state.distributed_type.value if hasattr(state.distributed_type, "value") else state.distributed_type
-            ),
-            outputs={},
-            metrics={},
-            versions=package_versions(),
-            git_commit=git_commit(),
-        )
+        _record_start(ctx, manifest, upstream, state)
     state.wait_for_everyone()
     from pipeline.tracking import tracked
 
@@ -139,27 +118,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
             raise DiskFull.during(name, run_dir, exc) from exc
     except BaseException as exc:
         if ctx.is_main:
-            reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, KeyboardInterrupt):
-                reason = "interrupted"
-            extra = {}
-            if isinstance(exc, GateFailed):  # the stage ran: keep what it measured and wrote
-                extra = {"metrics": exc.metrics, "outputs": ctx.outputs}
-                write_json_atomic(ctx.stage_dir / "metrics.json", exc.metrics)
-            try:
-                manifest.update_stage(
-                    recipe,
-                    name,
-                    status="failed",
-                    error=reason,
-                    ended_at=now(),
-                    duration_s=round(time.time() - started, 2),
-                    **extra,
-                )
-                if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
-                    (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
-            except OSError as write_error:  # e.g. the disk is still full: the entry stays 'running', never 'done'
-                log.warning("could not record the failure of stage %s in the manifest: %s", name, write_error)
+            _record_failure(ctx, manifest, exc, round(time.time() - started, 2))
         raise
     duration = round(time.time() - started, 2)
     if ctx.is_main:
@@ -178,6 +137,50 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
         )
     state.wait_for_everyone()
     return manifest.stage(name)
+
+
+def _record_start(ctx: StageContext, manifest: Manifest, upstream: dict[str, str], state) -> None:
+    """The stage's resolved recipe, and its manifest entry marked ``running`` (never ``done`` until it is)."""
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(ctx.stage_dir / "recipe.yaml", ctx.recipe.resolved_yaml())
+    distributed = state.distributed_type
+    manifest.update_stage(
+        ctx.recipe,
+        ctx.name,
+        kind=ctx.cfg.kind,
+        status="running",
+        config_hash=ctx.config_hash,
+        upstream=upstream,
+        started_at=now(),
+        ended_at=None,
+        duration_s=None,
+        error=None,
+        world_size=state.num_processes,
+        distributed_type=str(distributed.value if hasattr(distributed, "value") else distributed),
+        outputs={},
+        metrics={},
+        versions=package_versions(),
+        git_commit=git_commit(),
+    )
+
+
+def _record_failure(ctx: StageContext, manifest: Manifest, exc: BaseException, duration: float) -> None:
+    """Mark the stage ``failed`` with the reason; a failed quality gate keeps what the stage measured and wrote."""
+    reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, KeyboardInterrupt):
+        reason = "interrupted"
+    extra = {}
+    if isinstance(exc, GateFailed):
+        extra = {"metrics": exc.metrics, "outputs": ctx.outputs}
+        write_json_atomic(ctx.stage_dir / "metrics.json", exc.metrics)
+    try:
+        manifest.update_stage(
+            ctx.recipe, ctx.name, status="failed", error=reason, ended_at=now(), duration_s=duration, **extra
+        )
+        if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
+            (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
+    except OSError as write_error:  # e.g. the disk is still full: the entry stays 'running', never 'done'
+        log.warning("could not record the failure of stage %s in the manifest: %s", ctx.name, write_error)
 
 
 def prune_superseded(stage_dir: Path, digest: str) -> None:

@@ -56,41 +56,35 @@ def load_dpo_models(
     Every 4-bit layer is patched by ``fix_cpu_4bit`` (in ``load_base``) before TRL's first no-grad forward
     (precompute, eval_on_start); TRL's 'ref' adapter reuses those layers and creates none.
     """
-    if reference is not None:
-        return _with_reference(cfg, lora, sft, reference)
+    ref_model = _reference_model(cfg, reference) if reference is not None else None
     if sft.kind == "adapter":
-        return DPOModels(load_policy(cfg, lora, init=sft, trainable=True), None, None, "frozen sft adapter")
+        policy = load_policy(cfg, lora, init=sft, trainable=True)
+        return DPOModels(policy, ref_model, None, "frozen reference_from model" if ref_model else "frozen sft adapter")
     if lora is not None:
         from peft import prepare_model_for_kbit_training
 
         model = load_base(cfg, path=sft.path)
         if cfg.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        return DPOModels(model, None, peft_config(lora), "adapter disabled")
+        label = "frozen reference_from model" if ref_model else "adapter disabled"
+        return DPOModels(model, ref_model, peft_config(lora), label)
     policy = load_policy(cfg, None, init=sft, trainable=True)
+    if ref_model is not None:
+        return DPOModels(policy, ref_model, None, "frozen reference_from model")
     if precompute:
         return DPOModels(policy, None, None, "precomputed")
     return DPOModels(policy, frozen(load_policy(cfg, None, init=sft, trainable=False)), None, "frozen copy")
 
 
-def _with_reference(cfg: ModelConfig, lora: LoraConfig | None, start: ModelRef, reference: ModelRef) -> DPOModels:
-    """Policy from ``start`` (its adapter continued, or a new LoRA on a full model, or full fine-tuning); the
-    reference a separate frozen model loaded from ``reference``."""
+def _reference_model(cfg: ModelConfig, reference: ModelRef):
+    """``reference_from``'s policy loaded a second time, frozen, as TRL's ``ref_model`` (TRL then neither copies
+    the policy's adapter nor disables it)."""
     ref_model = load_policy(cfg, None, init=reference, trainable=False)
     if hasattr(ref_model, "get_base_model"):
         # an adapter reference: TRL wants a plain transformers model (it patches its backbone and LM head);
         # PEFT injects the LoRA layers into the base model in place, so the base model computes with them
         ref_model = ref_model.get_base_model()
-    ref_model = frozen(ref_model)
-    if start.kind == "adapter" or lora is None:
-        policy = load_policy(cfg, lora if start.kind == "adapter" else None, init=start, trainable=True)
-        return DPOModels(policy, ref_model, None, "frozen reference_from model")
-    from peft import prepare_model_for_kbit_training
-
-    model = load_base(cfg, path=start.path)
-    if cfg.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    return DPOModels(model, ref_model, peft_config(lora), "frozen reference_from model")
+    return frozen(ref_model)
 
 
 def frozen(model):
