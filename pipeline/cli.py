@@ -7,9 +7,11 @@ no traceback. ``stage`` is what ``accelerate launch -m pipeline stage NAME RECIP
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from pipeline.console import VERBOSE_ENV, quiet_early
 from pipeline.errors import PipelineError
 
 EXIT_USER_ERROR = 2
@@ -33,6 +35,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="override a recipe value, e.g. --set stages.sft.train.learning_rate=1e-4 (repeatable)",
     )
     p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<name>)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show what the libraries print (Trainer log dicts, warnings, W&B banners), silenced by default",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):  # an environment variable, so the processes accelerate launches see it too
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_early()
     try:
         return _dispatch(args)
     except PipelineError as exc:

@@ -185,7 +185,23 @@ def dpo_trainer_class():
 
             def compute_ref_log_probs(self, model, inputs):
                 self.ref_logp_batches += 1
+                if getattr(self, "_ref_progress", None) is not None:
+                    self._ref_progress.advance()
                 return super().compute_ref_log_probs(model, inputs)
+
+            def _precompute_ref_logps(self, dataset, name, batch_size):
+                # our progress line in place of TRL's tqdm bar (silenced unless --verbose)
+                from pipeline import console
+
+                total = -(-len(dataset) // (batch_size * self.accelerator.num_processes))
+                label = f"{console.stage_label()} reference log-probs ({name})".strip()
+                self._ref_progress = console.Progress(label, total, "batches", self.accelerator.is_main_process)
+                try:
+                    out = super()._precompute_ref_logps(dataset, name, batch_size)
+                finally:
+                    progress, self._ref_progress = self._ref_progress, None
+                progress.close("" if progress.done else "reused from the cache")
+                return out
 
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 return super()._prepare_dataset(dataset, processing_class, DPODataArgs.of(args), dataset_name)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pipeline.artifacts import Manifest
-from pipeline.config.schema import DataSource, Recipe, StageConfig
+from pipeline.config.schema import DataSource, Mixture, Recipe, StageConfig
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -56,8 +56,12 @@ class StageContext(Generic[C]):
 
         PartialState().wait_for_everyone()
 
-    def resolve_source(self, source: DataSource | None, default_output: str = "best") -> DataSource | None:
-        """A data source that names an earlier stage's output becomes the file that stage wrote."""
+    def resolve_source(self, source: DataSource | Mixture | None, default_output: str = "best"):
+        """A data source that names an earlier stage's output becomes the file that stage wrote
+        (each source of a mixture likewise)."""
+        if isinstance(source, Mixture):
+            resolved = [self.resolve_source(s, default_output) for s in source.sources]
+            return source.model_copy(update={"sources": resolved})
         if source is None or source.from_stage is None:
             return source
         outputs = self.upstream_entry(source.from_stage)["outputs"]

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config.schema import Recipe
+from pipeline.config.schema import Recipe, source_list
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -193,13 +193,14 @@ def _data_checks(recipe: Recipe, name: str) -> list:
     from pipeline.data.sft import load_sft_examples
 
     def local(source) -> bool:
-        return source is not None and source.path is not None
+        return source is not None and all(s.path is not None for s in source_list(source))
 
     stage = recipe.stages[name]
     data = getattr(stage, "data", None)
     checks = []
     if stage.kind == "sft":
-        checks += [lambda s=s: load_sft_examples(s, data.template) for s in (data.train, data.eval) if local(s)]
+        sources = [s for s in [*source_list(data.train), data.eval] if local(s)]
+        checks += [lambda s=s: load_sft_examples(s, data.template) for s in sources]
     elif (
         hasattr(stage, "pairs_from")
         and data is not None

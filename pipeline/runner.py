@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import stages
+from pipeline import console, stages
 from pipeline.artifacts import Manifest, git_commit, now, package_versions, stage_hash
 from pipeline.config.schema import Recipe
 from pipeline.context import StageContext, not_done
@@ -25,16 +25,6 @@ from pipeline.errors import DiskFull, GateFailed, PipelineError
 from pipeline.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_progress_bar()  # per-shard load/save bars drown the useful lines
 
 
 def _hash_for(recipe: Recipe, name: str, manifest: Manifest) -> tuple[str, dict[str, str]]:
@@ -94,7 +84,8 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     """Run one stage in this process; returns its manifest entry."""
     from transformers import set_seed
 
-    _quiet_libraries()
+    console.quiet_libraries()
+    console.set_stage(name)
     state = distributed_state()
     manifest = Manifest(run_dir)
     digest, upstream = _hash_for(recipe, name, manifest)

@@ -62,26 +62,19 @@ def score_candidates(candidates: list[dict[str, Any]], scorer) -> list[dict[str,
 
 
 class ProgressBar:
-    """Progress over prompts with tokens/s (main process; tqdm when attached to a terminal)."""
+    """Sampling progress over prompts across shards, with tokens/s (``progress``: a pipeline.console.Progress)."""
 
-    def __init__(self, enabled: bool, total: int, desc: str):
-        self.shard_done = 0
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="prompt", desc=desc)
+    def __init__(self, progress):
+        self.progress, self.before_shard, self.shard_done = progress, 0, 0
 
     def new_shard(self) -> None:
+        self.before_shard += self.shard_done
         self.shard_done = 0
 
     def tick(self, done: int, tokens: int, secs: float) -> None:
         """``done`` and ``tokens`` count from the start of the current shard."""
-        if self.bar is not None:
-            self.bar.update(done - self.shard_done)
-            self.bar.set_postfix_str(f"{tokens / max(secs, 1e-9):.0f} tok/s")
         self.shard_done = done
+        self.progress.update(self.before_shard + done, f"{tokens / max(secs, 1e-9):.0f} tok/s")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pipeline.console import Progress
 from pipeline.errors import PipelineError
 
 
@@ -96,11 +98,9 @@ class RewardModelScorer:
         was_training = self.model.training
         self.model.eval()
         batches = range(0, len(order), self.batch_size)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc=f"scoring with {self.name}", unit="batch")
-        with torch.no_grad():
+        # a bar on a terminal only: scoring is a part of a stage's longer step, whose progress line the logs get
+        bar = Progress(f"scoring with {self.name}", len(batches), "batches", self.progress and sys.stdout.isatty())
+        with torch.no_grad(), bar:
             for start in batches:
                 chunk = order[start : start + self.batch_size]
                 ids, mask, positions = pad_batch([encoded[i] for i in chunk], pad, self.padding_side)
@@ -109,6 +109,7 @@ class RewardModelScorer:
                 ).logits
                 for i, value in zip(chunk, logits[:, 0].float().tolist()):
                     scores[i] = value
+                bar.advance()
         self.model.train(was_training)
         return scores
 
@@ -146,6 +147,4 @@ def reward_scorer(ctx, stage: str, batch_size: int = 64) -> RewardModelScorer:
     tokenizer = modeling.load_tokenizer(recipe.model, path=ref.path)
     model = modeling.load_trained_reward_model(recipe.model, ref, ctx.device)
     max_length = recipe.stages[stage].data.max_length
-    return RewardModelScorer(
-        model, tokenizer, f"reward model of {stage!r}", batch_size, max_length, ctx.is_main and ctx.show_progress
-    )
+    return RewardModelScorer(model, tokenizer, f"reward model of {stage!r}", batch_size, max_length, ctx.is_main)

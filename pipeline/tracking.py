@@ -117,8 +117,6 @@ def tracked(recipe: Recipe, stage: str, stage_dir: Path, is_main: bool, say=prin
 
     mode, fallback = resolve_mode(recipe)
     cfg = recipe.tracking.wandb
-    if mode == "offline" and not fallback and not wandb_key_configured():
-        say("W&B: no API key configured, logging offline.")
     settings = dict(
         project=cfg.project or recipe.name,
         entity=cfg.entity,
@@ -151,4 +149,5 @@ def tracked(recipe: Recipe, stage: str, stage_dir: Path, is_main: bool, say=prin
         run.finish()
         if mode == "offline" and local_dir:
             info["wandb"]["sync"] = f"wandb sync {local_dir}"
-            say(f"W&B offline run saved in {local_dir}; upload it later with: wandb sync {local_dir}")
+            why = "" if fallback or wandb_key_configured() else " (no API key configured)"
+            say(f"W&B: logged offline{why} to {local_dir}; upload with: wandb sync {local_dir}")

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from pipeline import batching, checkpoints, compat, modeling
+from pipeline import batching, checkpoints, compat, console, modeling
 from pipeline.errors import RecipeError
 from pipeline.fileio import write_json_atomic
 
@@ -73,7 +73,7 @@ def trl_args(config_cls, ctx, precision: str | None = None, packable: bool = Fal
         activation_checkpointing=ctx.recipe.model.gradient_checkpointing,
         use_cpu=not modeling.has_cuda(),
         report_to=report_to or "none",
-        disable_tqdm=not ctx.show_progress,
+        disable_tqdm=not (ctx.show_progress and console.verbose()),  # our own progress line otherwise
         dataloader_num_workers=0,
         **precision_flags(precision or train.precision),
     )
@@ -116,6 +116,7 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     if eval_on_start:
         trainer.add_callback(KeepInitialEval(initial_eval, ctx.is_main))
     counter = batching.TokenCounter(trainer.model)
+    show_progress(trainer, ctx)
     if last:
         log.info("resuming %s from %s", ctx.name, last)
         metrics["resumed_from"] = Path(last).name
@@ -193,3 +194,36 @@ class KeepInitialEval(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.is_main and state.global_step == 0 and metrics and "eval_loss" in metrics:
             write_json_atomic(self.path, {"eval_loss": metrics["eval_loss"]})
+
+
+class TrainingProgress(TrainerCallback):
+    """``[stage] training: 440/1100 steps (40%), 23s, ETA 35s; loss 0.51`` -- in place of the Trainer's
+    per-log dicts and tqdm bar (which ``--verbose`` brings back)."""
+
+    def __init__(self, ctx):
+        self.ctx, self.bar, self.loss = ctx, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = console.stage_progress(self.ctx, "training", state.max_steps, "steps", already=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step, f"loss {self.loss:.4g}" if self.loss is not None else "")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def show_progress(trainer, ctx) -> None:
+    """Our progress line instead of the Trainer's printed log dicts, unless --verbose."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    if not console.verbose():
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(TrainingProgress(ctx))

@@ -126,6 +126,10 @@ def _split_warnings(name: str, summary: dict[str, Any], unit: str, total_key: st
 
 def _upstream_origin(ctx, source, default_output: str, unit: str, kept: int | None = None) -> str:
     """Where a training stage's input comes from, for its error message."""
+    from pipeline.config.schema import Mixture
+
+    if isinstance(source, Mixture):
+        return "; ".join(_upstream_origin(ctx, s, default_output, unit, kept) for s in source.sources)
     if source.from_stage is None:
         return f"its input is {source.describe()}"
     stage, output = source.from_stage, source.output or default_output
@@ -147,6 +151,11 @@ def count_rows(path: Path) -> int:
 
 def check_upstream_output(ctx, source, unit: str, default_output: str) -> None:
     """An earlier stage's output that holds no rows: say which stage and why, not just 'no rows'."""
+    from pipeline.config.schema import source_list
+
+    if len(source_list(source)) > 1:  # a mixture may take nothing from an empty source; mix() says when it must
+        return
+    source = source_list(source)[0] if source is not None else None
     if source is None or source.from_stage is None:
         return
     path = Path(ctx.resolve_source(source, default_output).path)

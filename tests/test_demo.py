@@ -6,6 +6,7 @@ One slow test (~2 minutes on 2 cores): it is the project's end-to-end proof, so 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -13,6 +14,27 @@ import pytest
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
+
+# Other libraries' expected noise, silenced unless --verbose (pipeline.console).
+NOISE = (
+    "Failed to load CPU gemm_4bit_forward",  # bitsandbytes' optional kernels
+    "Token indices sequence length is longer than",  # transformers; the SFT stage counts over-length rows
+    "FutureWarning",
+    "DeprecationWarning",
+    "warnings.warn(",
+    "{'loss':",  # the Trainer's per-log dicts
+    "{'eval_loss':",
+    "wandb:",  # W&B banners and run summaries
+)
+
+
+def assert_readable_console(console: str, stages: list[str]) -> None:
+    noisy = [line for line in console.splitlines() if any(pattern in line for pattern in NOISE)]
+    assert not noisy, "library noise on the console:\n" + "\n".join(noisy[:10])
+    for stage in stages:  # a progress line with a count and a share for every stage
+        assert re.search(rf"^\[{stage}\] \w[\w -]*: \d+/\d+ \w+ \(\d+%\)", console, re.M), (
+            f"no progress line for {stage}"
+        )
 
 
 def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
@@ -30,6 +52,7 @@ def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
         "## Held-out evaluation" in report and "dpo_margins.png" in report and "reward_reward_histogram.png" in report
     )
     assert "## Held-out evaluation (346 prompts, reference `sft`)" in report
+    assert_readable_console(out.stdout + out.stderr, list(manifest))
 
     policies = json.loads((run_dir / "eval" / "metrics.json").read_text())["policies"]
     sft, bon, dpo = policies["sft"], policies["bon"], policies["dpo"]

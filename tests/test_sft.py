@@ -232,7 +232,9 @@ def test_real_alpaca_seed_tasks_train_through_a_recipe(make_recipe, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     entry = manifest(run_dir)["stages"]["sft"]
     summary = json.loads((run_dir / "sft" / "data_summary.json").read_text())
-    assert summary["train"]["rows"] + summary["eval"]["rows"] == 175
+    # every row read and length-checked, then a held-out fraction of those kept
+    assert summary["train"]["rows"] == 175
+    assert summary["train_rows"] + summary["eval"]["rows"] == summary["train"]["kept"] and summary["eval"]["rows"] > 0
     assert summary["train"]["truncated"] > 0  # real outputs are long: the policy is exercised and counted
     assert entry["metrics"]["eval_loss"] < entry["metrics"]["eval_loss_before"]
 
@@ -279,7 +281,8 @@ def test_chat_template_sft_on_messages_data(make_recipe, tmp_path):
     from pipeline.stages import sft
 
     trainer, summary = sft.build_trainer(ctx)
-    assert summary["format"] == "messages" and summary["train"]["kept"] == 72 and summary["eval"]["kept"] == 24
+    assert summary["format"] == "messages" and summary["train"]["kept"] == 96  # then 24 held out
+    assert summary["train_rows"] == 72 and summary["eval"]["kept"] == 24
     batch = next(iter(trainer.get_train_dataloader()))
     tok = trainer.processing_class
     replies = {r["output"] for r in rows}

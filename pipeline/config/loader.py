@@ -14,7 +14,16 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config.rounds import expand_rounds
-from pipeline.config.schema import POLICY, DataSource, Recipe, StageConfig, iter_sources, map_sources, suggest
+from pipeline.config.schema import (
+    POLICY,
+    SOURCE_TAGS,
+    DataSource,
+    Recipe,
+    StageConfig,
+    iter_sources,
+    map_sources,
+    suggest,
+)
 from pipeline.errors import RecipeError
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +229,9 @@ def _format_errors(exc: ValidationError, prefix: tuple[str, ...], model: type[Ba
     lines = []
     for err in exc.errors():
         # pydantic adds union branch names ('list[str]', 'literal[...]') to locations; drop them.
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after",))))
+        loc = tuple(
+            p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("function-after", *SOURCE_TAGS)))
+        )
         path = ".".join(str(p) for p in prefix + loc)
         if err["type"] == "extra_forbidden":
             valid = _fields_at(model, loc[:-1])

@@ -12,10 +12,20 @@ import difflib
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializeAsAny,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import RecipeError
 
@@ -150,7 +160,20 @@ class DataSource(Strict):
     ] = "auto"
     # canonical name -> column name in the file, e.g. {instruction: question, output: answer}
     columns: dict[str, str] = {}
-    limit: int | None = Field(None, gt=0)
+    limit: int | None = Field(None, gt=0, description="Read only the first N rows.")
+    # In a mixture (a list of sources), how much of this source the mix takes; see Mixture.
+    weight: float | None = Field(None, gt=0, description="Mixtures: this source's share of the mix's rows.")
+    rows: int | None = Field(None, gt=0, description="Mixtures: take this many rows (repeated if it has fewer).")
+    fraction: float | None = Field(None, gt=0, description="Mixtures: take this fraction of its rows (2.0: twice).")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> DataSource:
+        given = [k for k in ("weight", "rows", "fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"give one of {' / '.join(given)}: weight is a share of the mix, rows and fraction fixed amounts"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exactly_one_origin(self) -> DataSource:
@@ -177,8 +200,64 @@ class DataSource(Strict):
         return f"hub:{self.hub}" + (f"/{where}" if where else "") + f"[{self.split}]"
 
 
+class Mixture(Strict):
+    """Several sources mixed into one dataset (written in a recipe as a list of sources, or as
+    ``{rows: N, sources: [...]}``). Either every source has a ``weight`` -- its share of the mix, whose size is
+    ``rows`` (default: the largest mix the weights allow without repeating a row) -- or none has, and each
+    source gives ``rows``, ``fraction`` or nothing (all its rows). Rows are drawn at random under the seed,
+    after each source's own checks, so the shares hold for the rows that are trained on."""
+
+    sources: list[DataSource] = Field(min_length=1)
+    rows: int | None = Field(None, gt=0, description="Total rows of a weighted mix.")
+
+    @model_validator(mode="after")
+    def _weights_all_or_none(self) -> Mixture:
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            missing = ", ".join(f"sources[{i}]" for i, w in enumerate(weighted) if not w)
+            raise ValueError(
+                f"{missing} has no weight while others do: give every source a weight (its share of the mix), "
+                "or none (each then takes rows / fraction / all of its rows)"
+            )
+        if self.rows is not None and not all(weighted):
+            raise ValueError("'rows' is the size of a weighted mix; give each source a weight, or drop 'rows'")
+        return self
+
+    @property
+    def weighted(self) -> bool:
+        return self.sources[0].weight is not None
+
+
+def _list_is_mixture(value: Any) -> Any:
+    return {"sources": value} if isinstance(value, (list, tuple)) else value
+
+
+# The union's branch tags; error locations leave them out (pipeline.config.loader).
+SOURCE_TAGS = ("one-source", "mixture-of-sources")
+
+
+def _source_or_mixture(value: Any) -> str:
+    return SOURCE_TAGS[isinstance(value, Mixture) or (isinstance(value, dict) and "sources" in value)]
+
+
+# One source, or several mixed (a list of sources, or {rows: N, sources: [...]}).
+Sources = Annotated[
+    Annotated[DataSource, Tag(SOURCE_TAGS[0])] | Annotated[Mixture, Tag(SOURCE_TAGS[1])],
+    Discriminator(_source_or_mixture),
+    BeforeValidator(_list_is_mixture),
+]
+
+
+def as_mixture(value: DataSource | Mixture) -> Mixture:
+    return value if isinstance(value, Mixture) else Mixture(sources=[value])
+
+
+def source_list(value: DataSource | Mixture | None) -> list[DataSource]:
+    return [] if value is None else as_mixture(value).sources
+
+
 class SFTDataConfig(Strict):
-    train: DataSource
+    train: Sources
     eval: DataSource | None = None
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Held out from train when no eval source.")
     template: Literal["alpaca", "chat"] = "alpaca"
@@ -190,7 +269,7 @@ class PreferenceDataConfig(Strict):
     """Preference pairs: explicit prompt/chosen/rejected, conversational, implicit (HH transcripts),
     ranked lists, or a best-of-n stage's pairs (``from_stage``)."""
 
-    train: DataSource
+    train: Sources
     eval: DataSource | None = None
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Held out from train when no eval source.")
     # none: prompts are used as written (best-of-n pairs are already rendered with the SFT template);
@@ -262,14 +341,21 @@ class StageConfig(Strict):
         """field path (dotted) -> the stage it takes output from."""
         found = {}
         for path in self.FROM_FIELDS:
-            node: Any = self
-            for part in path.split("."):
-                node = getattr(node, part, None)
-            if isinstance(node, list):
-                found.update({f"{path}[{i}]": target for i, target in enumerate(node)})
-            elif node:
-                found[path] = node
+            targets = _follow(self, path.split("."))
+            if len(targets) > 1:
+                found.update({f"{path}[{i}]": target for i, target in enumerate(targets)})
+            elif targets:
+                found[path] = targets[0]
         return found
+
+
+def _follow(node: Any, parts: list[str]) -> list[str]:
+    """The stage names at ``parts`` under ``node``; a mixture contributes each of its sources'."""
+    if isinstance(node, Mixture):
+        return [t for source in node.sources for t in _follow(source, parts)]
+    if not parts:
+        return [t for t in (node if isinstance(node, list) else [node]) if t]
+    return _follow(getattr(node, parts[0], None), parts[1:])
 
 
 class PairsStageConfig(StageConfig):

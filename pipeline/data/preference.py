@@ -671,24 +671,27 @@ def length_stats(values: list[int]) -> dict[str, float]:
 def prepare_pairs(
     train_source, eval_source, cfg, count_tokens=None, seed: int = 0
 ) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Read, adapt, render, split and lint preference pairs.
+    """Read, adapt, render, mix, split and lint preference pairs.
 
-    ``cfg`` is a PreferenceDataConfig; sources are already resolved to files or Hub ids. Returns TRL
-    records (prompt/chosen/rejected) for train and held-out eval, and a summary for the stage output.
+    ``cfg`` is a PreferenceDataConfig; sources (``train_source`` may be a mixture) are already resolved to
+    files or Hub ids. Returns TRL records (prompt/chosen/rejected) for train and held-out eval, and a summary
+    for the stage output. The linter runs on the mix, so duplicates across sources are found too.
     """
-    from pipeline.data.sources import read_source
+    from pipeline.config.schema import as_mixture
+    from pipeline.data.mixture import Part, is_mixed, mix
 
-    def load(source) -> tuple[list[PreferencePair], dict[str, Any]]:
-        pairs, stats = load_preference_pairs(read_source(source), source.format, cfg.ranked_strategy, cfg.on_bad_row)
-        if cfg.template != "none":
-            pairs = [_rendered(p, cfg.template) for p in pairs]
-        return pairs, stats
-
-    train, train_stats = load(train_source)
-    summary: dict[str, Any] = {"train_source": train_stats}
+    train_mix = as_mixture(train_source)
+    parts, loaded = [], []
+    for source in train_mix.sources:
+        pairs, stats = _load(source, cfg)
+        parts.append(Part(source.describe(), pairs, _source_counts(stats)))
+        loaded.append(stats)
+    train, mixture = mix(parts, train_mix, seed)
+    summary: dict[str, Any] = {"train_source": loaded[0] if len(loaded) == 1 else loaded}
+    if len(parts) > 1 or is_mixed(train_mix.sources[0]):
+        summary["mixture"] = mixture
     if eval_source is not None:
-        held, eval_stats = load(eval_source)
-        summary["eval_source"] = eval_stats
+        held, summary["eval_source"] = _load(eval_source, cfg)
     else:
         train, held = holdout_split(train, cfg.eval_fraction, seed)
     lint_kwargs = {
@@ -700,6 +703,20 @@ def prepare_pairs(
     if held:
         held, summary["eval"] = lint_pairs(held, **lint_kwargs)
     return [pair_to_record(p) for p in train], [pair_to_record(p) for p in held], summary
+
+
+def _load(source, cfg) -> tuple[list[PreferencePair], dict[str, Any]]:
+    from pipeline.data.sources import read_source
+
+    pairs, stats = load_preference_pairs(read_source(source), source.format, cfg.ranked_strategy, cfg.on_bad_row)
+    if cfg.template != "none":
+        pairs = [_rendered(p, cfg.template) for p in pairs]
+    return pairs, stats
+
+
+def _source_counts(stats: dict[str, Any]) -> dict[str, Any]:
+    """A source's read / kept / dropped for a mixture summary (kept: pairs, before the linter)."""
+    return {"read": stats["rows"], "kept": stats["pairs"], "dropped": dict(stats.get("dropped") or {})}
 
 
 def _rendered(pair: PreferencePair, template: str) -> PreferencePair:
@@ -729,4 +746,7 @@ def summary_line(name: str, summary: dict[str, Any]) -> str:
     warnings = list(
         dict.fromkeys(w for split in ("train", "eval") for w in (summary.get(split) or {}).get("warnings", []))
     )
-    return f"[{name}] preference data: " + ", ".join(parts) + (f"; warnings: {'; '.join(warnings)}" if warnings else "")
+    from pipeline.data.mixture import summary_lines
+
+    line = f"[{name}] preference data: " + ", ".join(parts) + (f"; warnings: {'; '.join(warnings)}" if warnings else "")
+    return "\n".join([line, *summary_lines(summary.get("mixture", []), "pairs")])

@@ -29,7 +29,31 @@ def prompt_id(prompt: Any) -> str:
     return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
-def load_prompts(source, template: str) -> tuple[list[PromptRecord], dict[str, int]]:
+def load_prompts(sources, template: str, seed: int = 0) -> tuple[list[PromptRecord], dict[str, Any]]:
+    """Prompts of one source or a mixture (pipeline.config Mixture), each prompt once. Returns the records and
+    counts: rows, prompts, duplicates (and the mixture's per-source summary when there is one)."""
+    from pipeline.config.schema import as_mixture
+    from pipeline.data.mixture import Part, is_mixed, mix
+
+    mixture = as_mixture(sources)
+    if len(mixture.sources) == 1 and not is_mixed(mixture.sources[0]):
+        return _load_source(mixture.sources[0], template)
+    parts = []
+    for source in mixture.sources:
+        records, counts = _load_source(source, template)
+        parts.append(Part(source.describe(), records, {"read": counts["rows"], "kept": counts["prompts"]}))
+    mixed, summary = mix(parts, mixture, seed)
+    unique, seen = [], set()
+    for record in mixed:  # a prompt in two sources, or repeated by a weight, is sampled once
+        if record.prompt_id not in seen:
+            seen.add(record.prompt_id)
+            unique.append(record)
+    rows = sum(part.counts["read"] for part in parts)
+    stats = {"rows": rows, "prompts": len(unique), "duplicates": len(mixed) - len(unique), "mixture": summary}
+    return unique, stats
+
+
+def _load_source(source, template: str) -> tuple[list[PromptRecord], dict[str, int]]:
     rows = read_source(source)
     columns = set(rows.rows[0])
     fmt = source.format

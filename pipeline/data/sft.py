@@ -180,9 +180,33 @@ class LengthReport:
     truncated: int = 0
     duplicates: int = 0
     token_lengths: dict[str, float] = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list, repr=False)  # every row's tokens, for merging reports
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "lengths"}
+
+    def source_counts(self) -> dict[str, Any]:
+        """read / kept / dropped (reason -> n) for a mixture's per-source summary."""
+        dropped = {"overlength": self.dropped_overlength, "prompt_too_long": self.dropped_prompt_too_long}
+        return {"read": self.rows, "kept": self.kept, "dropped": dropped, "truncated": self.truncated}
+
+
+def merge_reports(reports: list[LengthReport], kept: list[Example]) -> LengthReport:
+    """One report for a mixture's sources: their counts added, lengths and duplicates over ``kept`` (the mix)."""
+    if len(reports) == 1:
+        return reports[0]
+    lengths = [n for r in reports for n in r.lengths]
+    merged = LengthReport(rows=sum(r.rows for r in reports), kept=sum(r.kept for r in reports), lengths=lengths)
+    for key in ("dropped_overlength", "dropped_prompt_too_long", "truncated"):
+        setattr(merged, key, sum(getattr(r, key) for r in reports))
+    merged.duplicates = _duplicates(kept)
+    merged.token_lengths = percentiles(lengths)
+    return merged
+
+
+def _duplicates(examples: list[Example]) -> int:
+    seen = Counter(repr(ex.as_record()) for ex in examples)
+    return sum(c - 1 for c in seen.values())
 
 
 def apply_length_policy(
@@ -223,9 +247,9 @@ def apply_length_policy(
         )
     if not kept:
         raise DataError(f"{source}: no rows left after applying max_length={max_length} ({policy}); raise max_length")
-    seen = Counter(repr(ex.as_record()) for ex in kept)
-    report.duplicates = sum(c - 1 for c in seen.values())
+    report.duplicates = _duplicates(kept)
     report.kept = len(kept)
+    report.lengths = lengths
     report.token_lengths = percentiles(lengths)
     return kept, report
 

@@ -15,8 +15,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import selection, yields
-from pipeline.config.schema import POLICY, DataSource, StageConfig, Strict, function_ref, function_refs
+from pipeline.config.schema import POLICY, Sources, StageConfig, Strict, function_ref, function_refs
 from pipeline.context import StageContext
+from pipeline.data.mixture import say_mixture
 from pipeline.data.prompts import PromptRecord, load_prompts
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_jsonl_atomic
@@ -58,7 +59,7 @@ class BonStage(StageConfig):
 
     kind: Literal["bon"] = "bon"
     policy_from: str = Field(..., description="The sft stage whose model samples.")
-    prompts: DataSource
+    prompts: Sources
     template: Literal["alpaca", "chat"] | None = Field(None, description="Default: the policy stage's template.")
     n: int = Field(8, gt=0)
     temperature: float = Field(1.0, ge=0, description="0 is greedy.")
@@ -79,7 +80,8 @@ def run(ctx: StageContext[BonStage]) -> dict[str, Any]:
 
     cfg, recipe = ctx.cfg, ctx.recipe
     template = cfg.template or recipe.policy_template(cfg.policy_from)
-    prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
+    prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template, ctx.seed)
+    say_mixture(ctx.say, ctx.name, prompt_stats.get("mixture"), "prompts")
     checks = {name: load_function(ref, f"stages.{ctx.name}.report.{name}") for name, ref in cfg.report.items()}
 
     shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]
@@ -113,6 +115,7 @@ def sample_shards(
     """Generate, score and write each shard in ``todo``; (tokens generated, seconds spent generating).
     Only called when a shard is left, so a rerun with every shard finished loads no model."""
     from pipeline import modeling
+    from pipeline.console import stage_progress
     from pipeline.sampling import ProgressBar, sample_candidates, score_candidates
     from pipeline.scoring import build_scorer
 
@@ -122,7 +125,7 @@ def sample_shards(
     tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path, padding_side="left")
     model = modeling.load_frozen_policy(recipe.model, policy, ctx.device)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    bar = ProgressBar(ctx.is_main and ctx.show_progress, sum(len(shards[k]) for k in todo), f"[{ctx.name}] sampling")
+    bar = ProgressBar(stage_progress(ctx, "sampling", sum(len(shards[k]) for k in todo), "prompts"))
     generated_tokens, generation_s = 0, 0.0
     for k in todo:
         started = time.perf_counter()

@@ -16,8 +16,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator
 
 from pipeline import plots, selection
-from pipeline.config.schema import POLICY, DataSource, StageConfig, function_refs
+from pipeline.config.schema import POLICY, Sources, StageConfig, function_refs
+from pipeline.console import stage_progress
 from pipeline.context import StageContext
+from pipeline.data.mixture import say_mixture
 from pipeline.data.prompts import load_prompts
 from pipeline.fileio import write_json_atomic, write_jsonl_atomic
 from pipeline.stages import StageKind, register
@@ -36,7 +38,7 @@ class EvalStage(StageConfig):
     }
 
     kind: Literal["eval"] = "eval"
-    prompts: DataSource
+    prompts: Sources
     policies: list[str] = Field(..., min_length=1, description="Stages whose models are evaluated (greedy decoding).")
     reference: str = Field(..., description="The baseline policy for win rate and KL (usually the SFT stage).")
     bon_from: str | None = Field(
@@ -62,7 +64,8 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     if not ctx.is_main:  # evaluation is cheap next to training: one process does it
         return {}
     template = cfg.template or recipe.policy_template(cfg.reference)
-    prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template)
+    prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template, ctx.seed)
+    say_mixture(ctx.say, ctx.name, prompt_stats.get("mixture"), "prompts")
     checks = {name: load_function(ref, f"stages.{ctx.name}.checkers.{name}") for name, ref in cfg.checkers.items()}
     rm = reward_scorer(ctx, cfg.reward_from) if cfg.reward_from else None
     tokenizer = modeling.load_tokenizer(recipe.model, path=ctx.model_of(cfg.reference).path, padding_side="left")
@@ -73,7 +76,9 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     rewards: dict[str, list[float]] = {}
     rows = []
     names = [cfg.reference] + [n for n in cfg.policies if n != cfg.reference]
+    bar = stage_progress(ctx, "evaluating", len(names) + bool(cfg.bon_from), "policies")
     for name in names:
+        bar.update(bar.done, name)
         model = reference if name == cfg.reference else _load(ctx, name)
         results[name], texts, scores = _greedy(ctx, model, reference, tokenizer, prompts, prompt_ids, checks, rm)
         if scores is not None:
@@ -84,12 +89,16 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
         )
         if model is not reference:
             del model
+        bar.advance()
 
     if cfg.bon_from:
+        bar.update(bar.done, "bon")
         results["bon"], bon_texts, bon_rewards = _best_of_n(ctx, prompts, checks, rm, loaded={cfg.reference: reference})
         if bon_rewards is not None:
             rewards["bon"] = bon_rewards
         rows.extend({"policy": "bon", "prompt_id": p.prompt_id, "response": t} for p, t in zip(prompts, bon_texts))
+        bar.advance()
+    bar.close("done")
 
     if rm is not None:
         base = rewards[cfg.reference]

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.schema import POLICY, DataSource, StageConfig, Strict, TrainConfig, function_ref
+from pipeline.config.schema import POLICY, Sources, StageConfig, Strict, TrainConfig, function_ref
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
 from pipeline.stages import StageKind, register
@@ -35,7 +35,7 @@ class GRPOStage(StageConfig):
 
     kind: Literal["grpo"] = "grpo"
     policy_from: str = Field(..., description="The policy stage (sft, dpo, grpo) training starts from.")
-    prompts: DataSource
+    prompts: Sources
     template: Literal["alpaca", "chat"] | None = Field(None, description="Default: the policy stage's template.")
     rewards: dict[str, CheckerReward] = Field({}, description="name -> {checker: module:function, weight}")
     reward_from: str | None = Field(None, description="A reward stage whose model also scores completions.")
@@ -66,12 +66,16 @@ def build_trainer(ctx: StageContext[GRPOStage]):
     from trl import GRPOConfig, GRPOTrainer
 
     from pipeline import modeling, training
+    from pipeline.data.mixture import say_mixture
     from pipeline.data.prompts import load_prompts
 
     cfg, recipe = ctx.cfg, ctx.recipe
     policy = ctx.model_of(cfg.policy_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path)
-    prompts, _ = load_prompts(ctx.resolve_source(cfg.prompts), cfg.template or recipe.policy_template(cfg.policy_from))
+    prompts, prompt_stats = load_prompts(
+        ctx.resolve_source(cfg.prompts), cfg.template or recipe.policy_template(cfg.policy_from), ctx.seed
+    )
+    say_mixture(ctx.say, ctx.name, prompt_stats.get("mixture"), "prompts")
     if len(prompts) < cfg.train.batch_size:
         raise PipelineError(
             f"stages.{ctx.name}.prompts: {len(prompts)} prompt(s), fewer than one step's train.batch_size "

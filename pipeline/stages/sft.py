@@ -7,9 +7,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from pipeline import compat, yields
-from pipeline.config.schema import POLICY, SFTDataConfig, StageConfig, TrainConfig
+from pipeline.config.schema import POLICY, SFTDataConfig, StageConfig, TrainConfig, as_mixture
 from pipeline.context import StageContext
-from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
+from pipeline.data.mixture import Part, mix, summary_lines
+from pipeline.data.sft import Example, apply_length_policy, load_sft_examples, merge_reports
 from pipeline.data.sources import holdout_split
 from pipeline.fileio import write_json_atomic
 from pipeline.stages import StageKind, register
@@ -39,7 +40,7 @@ def run(ctx: StageContext[SFTStage]) -> dict[str, Any]:
     trainer, summary = build_trainer(ctx)
     init = ctx.model_of(ctx.cfg.init_from)
     metrics = training.fit(trainer, ctx, base=init.lineage_base() if init else None)
-    metrics.update(train_rows=summary["train"]["kept"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
+    metrics.update(train_rows=summary["train_rows"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
     return yields.record(metrics, yields.sft_warnings(ctx.name, summary), ctx.say)
 
 
@@ -68,39 +69,53 @@ def build_trainer(ctx: StageContext[SFTStage]):
 
 
 def prepare_data(ctx: StageContext[SFTStage], tokenizer):
-    """Validate, render, apply the length policy; save and print the data summary."""
+    """Validate, render, apply the length policy per source, mix; save and print the data summary."""
     from pipeline.training import to_dataset
 
     data = ctx.cfg.data
     yields.check_upstream_output(ctx, data.train, "training rows", "best")
-    train_source, eval_source = ctx.resolve_source(data.train), ctx.resolve_source(data.eval)
-    train, fmt = load_sft_examples(train_source, data.template)
-    evals: list[Example] = []
-    if eval_source is not None:
-        evals, _ = load_sft_examples(eval_source, data.template)
-    else:
-        train, evals = holdout_split(train, data.eval_fraction, ctx.seed)
-
-    if data.template == "chat":
-        check_conversations(tokenizer, recipe_model_name(ctx), [(train, train_source.describe()), (evals, "eval data")])
+    train_mix, eval_source = as_mixture(ctx.resolve_source(data.train)), ctx.resolve_source(data.eval)
     count = token_counter(tokenizer, data.template)
-    train, train_report = apply_length_policy(train, count, data.max_length, data.overlength, train_source.describe())
+    parts, reports, formats = [], [], []
+    for source in train_mix.sources:
+        examples, fmt = load_sft_examples(source, data.template)
+        kept, report = _length_checked(ctx, tokenizer, examples, source.describe(), count)
+        parts.append(Part(source.describe(), kept, report.source_counts()))
+        reports.append(report)
+        formats.append(fmt)
+    train, mixture = mix(parts, train_mix, ctx.seed)
     summary: dict[str, Any] = {
-        "format": fmt,
+        "format": "+".join(dict.fromkeys(formats)),
         "template": data.template,
         "max_length": data.max_length,
         "overlength": data.overlength,
-        "train": train_report.as_dict(),
+        "train": merge_reports(reports, train).as_dict(),
+        "mixture": mixture,
     }
-    if evals:
-        source = eval_source.describe() if eval_source else f"{train_source.describe()} (held-out fraction)"
-        evals, eval_report = apply_length_policy(evals, count, data.max_length, data.overlength, source)
+    if eval_source is not None:
+        evals, _ = load_sft_examples(eval_source, data.template)
+        evals, eval_report = _length_checked(ctx, tokenizer, evals, eval_source.describe(), count)
+    else:
+        train, evals = holdout_split(train, data.eval_fraction, ctx.seed)
+        eval_report = (
+            apply_length_policy(evals, count, data.max_length, data.overlength, "held-out rows")[1] if evals else None
+        )
+    summary["train_rows"] = len(train)
+    if eval_report is not None:
         summary["eval"] = eval_report.as_dict()
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(format_summary(summary))
     yields.check_training_rows(ctx, data.train, len(train), "training rows", "best")  # before the model loads
     return to_dataset([ex.as_record() for ex in train]), to_dataset([ex.as_record() for ex in evals]), summary
+
+
+def _length_checked(ctx, tokenizer, examples: list[Example], source: str, count):
+    """One source's examples through the chat-template checks and the length policy: (kept, report)."""
+    data = ctx.cfg.data
+    if data.template == "chat":
+        check_conversations(tokenizer, recipe_model_name(ctx), [(examples, source)])
+    return apply_length_policy(examples, count, data.max_length, data.overlength, source)
 
 
 def recipe_model_name(ctx) -> str:
@@ -157,6 +172,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"truncated {rep['truncated']}, duplicates {rep['duplicates']}; tokens p50 {lens['p50']:.0f} p90 {lens['p90']:.0f} "
             f"p99 {lens['p99']:.0f} max {lens['max']:.0f}"
         )
+    lines += summary_lines(summary.get("mixture", []))
     return "\n".join(lines)
 
 
