@@ -21,6 +21,7 @@ LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "bitsandby
 NOISE = (
     "Token indices sequence length is longer than",
     "Failed to load CPU gemm_4bit_forward",
+    "mtime may not be reliable on this filesystem",  # transformers sorts checkpoints by number then, as we do
 )
 
 

@@ -46,6 +46,34 @@ def lines(path: Path, series: dict[str, tuple[list[float], list[float]]], title:
     return path
 
 
+def frontier(path: Path, data: dict) -> Path:
+    """The alignment trade-off, one labelled point per policy: the alignment measure against capability kept,
+    and against KL to the reference policy (``data``: the eval stage's ``frontier`` block)."""
+    plt = _plt()
+    points = data["points"]
+    panels = [
+        (key, label)
+        for key, label in (
+            ("capability", f"capability kept: {data['capability']}"),
+            ("kl_to_ref", f"KL to {data['reference']} (nats per response)"),
+        )
+        if any(p.get(key) is not None for p in points)
+    ]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4), dpi=110, squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        shown = [p for p in points if p.get(key) is not None]
+        ax.scatter([p[key] for p in shown], [p["alignment"] for p in shown], s=36, zorder=3)
+        for p in shown:
+            ax.annotate(p["policy"], (p[key], p["alignment"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set(xlabel=label, ylabel=f"alignment: {data['alignment']}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Alignment gained against capability kept and distance from the reference", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def _save(fig, path: Path) -> None:
     """Atomically: a reader sees the old image or the whole new one."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import plots, stages
+from pipeline import stages
 from pipeline.fileio import write_text_atomic
 
 
@@ -116,9 +116,40 @@ def results_table(manifest: dict[str, Any], names: list[str]) -> str:
     return text
 
 
+def _headline(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
+    """The trade-off at a glance: the eval stage's frontier plot and its points as a table."""
+    evaluation = eval_metrics_of(manifest) or {}
+    data = evaluation.get("frontier")
+    figures = _figures(run_dir, manifest, names, {"frontier": "alignment trade-off"})
+    if not data or not figures:
+        return []
+    rows = [["policy", f"alignment: {data['alignment']}", f"capability: {data['capability']}", "KL to reference"]]
+    rows += [
+        [p["policy"]]
+        + [
+            f"{p[k]:.3f}" if isinstance(p.get(k), (int, float)) else "-"
+            for k in ("alignment", "capability", "kl_to_ref")
+        ]
+        for p in data["points"]
+    ]
+    return [
+        "## Alignment trade-off",
+        "",
+        f"Per policy: alignment (`{data['alignment']}`) against capability kept (`{data['capability']}`) and against "
+        f"KL to the reference `{data['reference']}`. Up and to the right on the left panel, up and to the left on the "
+        "right one, is better.",
+        "",
+        f"![alignment trade-off]({figures[0][1].name})",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+
+
 def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> Path:
     """report.md plus PNG plots beside it."""
     parts = [f"# Run report: {manifest.get('recipe', '')}", "", f"Run directory: `{run_dir}`", ""]
+    parts += _headline(run_dir, manifest, names)
     parts += ["## Stages", "", markdown_table(stage_rows(manifest, names)), ""]
     total = sum(manifest["stages"].get(n, {}).get("duration_s") or 0 for n in names)
     parts += [f"Total stage time: {total:.1f} s", ""]
@@ -152,38 +183,25 @@ def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> P
     return path
 
 
-def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[tuple[str, Path]]:
+# stage output -> the title of its plot in the report ({name}: the stage)
+PLOT_OUTPUTS = {
+    "reward_histogram": "{name}: chosen vs rejected rewards",
+    "margins_plot": "{name}: DPO reward margins",
+    "reward_distribution": "{name}: reward per policy",
+}
+
+
+def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str], outputs=PLOT_OUTPUTS) -> list[tuple[str, Path]]:
+    """The stages' plots, copied beside report.md (as ``<stage>_<file>``), with their titles."""
     import shutil
 
     figures = []
     for name in names:
         entry = manifest["stages"].get(name, {})
-        outputs = entry.get("outputs", {})
-        for key, title in (
-            ("reward_distribution", "Reward per policy"),
-            ("reward_histogram", f"{name}: chosen vs rejected rewards"),
-        ):
-            src = outputs.get(key)
-            if src and Path(src).is_file():
+        for key, title in outputs.items():
+            src = entry.get("outputs", {}).get(key)
+            if entry.get("status") == "done" and src and Path(src).is_file():
                 dst = run_dir / f"{name}_{Path(src).name}"
                 shutil.copyfile(src, dst)
-                figures.append((title, dst))
-        if entry.get("kind") == "dpo" and entry.get("status") == "done":
-            history = run_dir / name / "log_history.json"
-            if history.is_file():
-                logs = json.loads(history.read_text())
-                series = {}
-                for key in ("rewards/margins", "eval_rewards/margins"):
-                    points = [(e["step"], e[key]) for e in logs if key in e]
-                    if points:
-                        series[key] = ([p[0] for p in points], [p[1] for p in points])
-                if series:
-                    dst = plots.lines(
-                        run_dir / f"{name}_margins.png",
-                        series,
-                        f"{name}: reward margins over training",
-                        "step",
-                        "margin",
-                    )
-                    figures.append((f"{name}: DPO margins", dst))
+                figures.append((title.format(name=name), dst))
     return figures

@@ -96,13 +96,15 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     if ctx.is_main:
         _record_start(ctx, manifest, upstream, state)
     state.wait_for_everyone()
-    from pipeline.tracking import tracked
+    from pipeline.tracking import log_results, tracked
 
     try:
         try:
             with tracked(recipe, name, ctx.stage_dir, ctx.is_main, say=ctx.say) as tracker:
                 set_seed(seed)
                 metrics = stages.get(cfg.kind).run(ctx)
+                if ctx.is_main:
+                    log_results(tracker, metrics, ctx.outputs)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise

@@ -110,6 +110,11 @@ def resolve_mode(recipe: Recipe) -> tuple[str, str | None]:
 def tracked(recipe: Recipe, stage: str, stage_dir: Path, is_main: bool, say=print) -> Iterator[dict[str, Any]]:
     """Start the stage's tracker run (main process only); yields what the manifest records about it."""
     info: dict[str, Any] = {}
+    if "tensorboard" in recipe.tracking.report_to:
+        # the Trainer's TensorBoardCallback reads this when it starts; our results go to the same place
+        log_dir = stage_dir.parent / "tensorboard" / stage
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(log_dir)
+        info["tensorboard"] = {"dir": str(log_dir)}
     if "wandb" not in recipe.tracking.report_to or not is_main:
         yield info
         return
@@ -151,3 +156,76 @@ def tracked(recipe: Recipe, stage: str, stage_dir: Path, is_main: bool, say=prin
             info["wandb"]["sync"] = f"wandb sync {local_dir}"
             why = "" if fallback or wandb_key_configured() else " (no API key configured)"
             say(f"W&B: logged offline{why} to {local_dir}; upload with: wandb sync {local_dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# A stage's results, the same in every tracker: its metrics, its tables and its plots
+# --------------------------------------------------------------------------------------------
+
+
+def flat_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every number in ``metrics``, nested keys joined with '/' (policies/dpo/gold_accuracy)."""
+    found: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            found[name] = float(value)
+        elif isinstance(value, dict):
+            found.update(flat_numbers(value, name + "/"))
+    return found
+
+
+def stage_results(metrics: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
+    """What every tracker gets when a stage ends: scalars, tables (header + rows) and images (PNG paths)."""
+    from pipeline.report import policy_rows
+
+    tables = {}
+    if isinstance(metrics.get("policies"), dict):  # an eval stage: the held-out table
+        rows = policy_rows(metrics, first_samples=False)
+        tables["policies"] = (rows[0], rows[1:])
+    images = {key: path for key, path in outputs.items() if str(path).endswith(".png") and Path(path).is_file()}
+    return {"scalars": flat_numbers(metrics), "tables": tables, "images": images}
+
+
+def log_results(info: dict[str, Any], metrics: dict[str, Any], outputs: dict[str, str]) -> None:
+    """Send a finished stage's results to its trackers (``info``: what ``tracked`` yielded)."""
+    if not info:
+        return
+    results = stage_results(metrics, outputs)
+    if "tensorboard" in info:
+        _to_tensorboard(info["tensorboard"]["dir"], results, int(metrics.get("steps") or 0))
+    if "wandb" in info:
+        _to_wandb(results)
+
+
+def _to_tensorboard(log_dir: str, results: dict[str, Any], step: int) -> None:
+    import matplotlib.image
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pipeline.report import markdown_table
+
+    writer = SummaryWriter(log_dir=log_dir)
+    try:
+        for key, value in results["scalars"].items():
+            writer.add_scalar(f"results/{key}", value, step)
+        for key, (header, rows) in results["tables"].items():
+            writer.add_text(f"tables/{key}", markdown_table([header, *rows]), step)
+        for key, path in results["images"].items():
+            writer.add_image(f"plots/{key}", matplotlib.image.imread(path), step, dataformats="HWC")
+    finally:
+        writer.close()
+
+
+def _to_wandb(results: dict[str, Any]) -> None:
+    import wandb
+
+    if wandb.run is None:
+        return
+    payload: dict[str, Any] = {f"results/{key}": value for key, value in results["scalars"].items()}
+    for key, (header, rows) in results["tables"].items():
+        payload[f"tables/{key}"] = wandb.Table(columns=header, data=rows)
+    for key, path in results["images"].items():
+        payload[f"plots/{key}"] = wandb.Image(path)
+    wandb.run.log(payload)

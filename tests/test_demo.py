@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 NOISE = (
     "Failed to load CPU gemm_4bit_forward",  # bitsandbytes' optional kernels
     "Token indices sequence length is longer than",  # transformers; the SFT stage counts over-length rows
+    "mtime may not be reliable",  # transformers' checkpoint sorting on some filesystems
     "FutureWarning",
     "DeprecationWarning",
     "warnings.warn(",
@@ -52,6 +53,17 @@ def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
         "## Held-out evaluation" in report and "dpo_margins.png" in report and "reward_reward_histogram.png" in report
     )
     assert "## Held-out evaluation (346 prompts, reference `sft`)" in report
+    # the headline figure first: one point per policy, alignment against capability kept and KL
+    assert report.index("## Alignment trade-off") < report.index("## Stages")
+    assert "![alignment trade-off](eval_frontier.png)" in report and (run_dir / "eval_frontier.png").stat().st_size > 0
+    frontier = json.loads((run_dir / "eval" / "metrics.json").read_text())["frontier"]
+    assert (frontier["alignment"], frontier["capability"], frontier["reference"]) == (
+        "preference_pass",
+        "gold_accuracy",
+        "sft",
+    )
+    assert [p["policy"] for p in frontier["points"]] == ["sft", "rs_sft", "dpo", "bon"]
+    assert all(p["kl_to_ref"] is not None and p["capability"] is not None for p in frontier["points"])
     assert_readable_console(out.stdout + out.stderr, list(manifest))
 
     policies = json.loads((run_dir / "eval" / "metrics.json").read_text())["policies"]

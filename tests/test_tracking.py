@@ -86,3 +86,89 @@ def test_auto_mode_is_not_probed_without_a_key(make_recipe, monkeypatch):
     started = time.time()
     assert resolve_mode(load_recipe(wandb_recipe(make_recipe, "auto"))) == ("offline", None)
     assert time.time() - started < 1
+
+
+def wandb_history_keys(path) -> set[str]:
+    """Keys logged to an offline W&B run. Its .wandb file is a LevelDB-style log (32 KiB blocks of records with
+    a 7-byte header: crc, length, type) of protobuf Records, after a 7-byte ':W&B' file header."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending, keys = 32768, 7, b"", set()
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # the rest of a block too short for a header is padding
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            break
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first, then middle / last
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    return keys
+
+
+def tensorboard_tags(log_dir) -> dict[str, set[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, set[str]] = {"scalars": set(), "images": set(), "tensors": set()}
+    for events in sorted(log_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    return tags
+
+
+@pytest.mark.slow
+def test_tensorboard_and_wandb_get_the_same_metrics_eval_table_and_plots(make_recipe, tmp_path):
+    import json
+    from pathlib import Path
+
+    from conftest import TINY
+
+    recipe = make_recipe(
+        {
+            "tracking": {"report_to": ["tensorboard", "wandb"], "wandb": {"mode": "offline"}},
+            "stages": {
+                "eval": {
+                    "kind": "eval",
+                    "prompts": {"path": str(TINY / "prompts_eval.jsonl"), "limit": 16},
+                    "policies": ["sft"],
+                    "reference": "sft",
+                    "max_new_tokens": 16,
+                    "kl_samples": 1,
+                    "checkers": {
+                        "preference_pass": "pipeline.tinytasks:preferred",
+                        "gold_accuracy": "pipeline.tinytasks:answer_correct",
+                    },
+                }
+            },
+        }
+    )
+    run_dir = tmp_path / "run"
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    for name in ("sft", "eval"):
+        tracker = stages[name]["tracker"]
+        board = tensorboard_tags(Path(tracker["tensorboard"]["dir"]))
+        logged = wandb_history_keys(next(Path(tracker["wandb"]["dir"]).glob("run-*.wandb")))
+        results = {tag for tag in board["scalars"] if tag.startswith("results/")}
+        assert results and results == {key for key in logged if key.startswith("results/")}
+        if name == "sft":  # the Trainer's own curves reach both
+            assert {"train/loss", "eval/loss"} <= board["scalars"] & logged
+            assert "results/eval_loss" in results
+        else:  # every policy's figures, the held-out table and the plots, in both
+            assert {"results/policies/sft/preference_pass", "results/policies/sft/kl_to_ref"} <= results
+            assert "tables/policies/text_summary" in board["tensors"] and "tables/policies/_type" in logged
+            assert "plots/frontier" in board["images"] and "plots/frontier/_type" in logged

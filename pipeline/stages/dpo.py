@@ -95,8 +95,21 @@ def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
     )
     yields.record(metrics, pair_warnings(ctx.name, summary), ctx.say)
     if ctx.is_main:
-        write_json_atomic(ctx.stage_dir / "margins.json", margins_series(history))
+        series = margins_series(history)
+        write_json_atomic(ctx.stage_dir / "margins.json", series)
+        ctx.outputs["margins_plot"] = str(margins_plot(ctx.stage_dir / "margins.png", ctx.name, series))
     return metrics
+
+
+def margins_plot(path, name: str, series: dict[str, list[dict]]):
+    from pipeline import plots
+
+    lines = {
+        label: ([p["step"] for p in points], [p["margin"] for p in points])
+        for label, points in (("train", series["train"]), ("held-out", series["heldout"]))
+        if points
+    }
+    return plots.lines(path, lines, f"{name}: reward margins over training", "step", "chosen - rejected reward")
 
 
 def build_trainer(ctx: StageContext[DPOStage]):
@@ -245,7 +258,7 @@ KIND = register(
         name="dpo",
         config=DPOStage,
         run=run,
-        outputs=("model",),
+        outputs=("model", "margins_plot"),
         key_metrics=("heldout_reward_accuracy", "heldout_reward_margin", "eval_loss", "steps"),
         model_head="causal_lm",
     )

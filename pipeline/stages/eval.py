@@ -13,7 +13,7 @@ import math
 import statistics
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import plots, selection
 from pipeline.config.schema import POLICY, Sources, StageConfig, function_refs
@@ -51,8 +51,33 @@ class EvalStage(StageConfig):
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(64, gt=0)
     kl_samples: int = Field(4, ge=0, description="Samples per prompt (temperature 1) for the KL estimate; 0 skips it.")
+    # The report's headline figure: per policy, the alignment measure against capability kept and against KL.
+    alignment_metric: str | None = Field(
+        None, description="A checker name or reward_mean; default: the first checker, else reward_mean."
+    )
+    capability_metric: str | None = Field(
+        None, description="A checker name (capability kept, e.g. gold_accuracy); default: the second checker."
+    )
 
     _refs = field_validator("checkers")(classmethod(lambda cls, value: function_refs(value)))
+
+    @model_validator(mode="after")
+    def _frontier_metrics(self) -> EvalStage:
+        known = [*self.checkers, *(["reward_mean"] if self.reward_from else [])]
+        for key in ("alignment_metric", "capability_metric"):
+            value = getattr(self, key)
+            if value is not None and value not in known:
+                raise ValueError(
+                    f"{key}: {value!r} is not measured here; one of: {', '.join(known) or '(no checkers or reward_from)'}"
+                )
+        return self
+
+    def frontier_axes(self) -> tuple[str | None, str | None]:
+        """(alignment measure, capability measure) for the frontier plot; None where there is none."""
+        checkers = list(self.checkers)
+        alignment = self.alignment_metric or (checkers[0] if checkers else "reward_mean" if self.reward_from else None)
+        capability = self.capability_metric or next((c for c in checkers[1:] if c != alignment), None)
+        return alignment, capability
 
 
 def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
@@ -107,6 +132,7 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
             results[name][f"win_rate_vs_{cfg.reference}"] = round(statistics.fmean(wins), 4)
 
     report = {"prompts": prompt_stats["prompts"], "reference": cfg.reference, "policies": results}
+    report["frontier"] = frontier(cfg, results)
     _write_outputs(ctx, report, rows, rewards)
     ctx.say(text_table(policy_rows(report, first_samples=False)))
     return report  # the stage's metrics.json is this report (the runner rewrites it from what a stage returns)
@@ -139,10 +165,28 @@ def _greedy(ctx: StageContext[EvalStage], model, reference, tokenizer, prompts, 
     return metrics, texts, scores
 
 
+def frontier(cfg: EvalStage, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The headline figure's data: which measures it plots, and one point per policy."""
+    alignment, capability = cfg.frontier_axes()
+    points = [
+        {
+            "policy": name,
+            "alignment": m.get(alignment),
+            "capability": m.get(capability) if capability else None,
+            "kl_to_ref": m.get("kl_to_ref"),
+        }
+        for name, m in results.items()
+        if m.get(alignment) is not None
+    ]
+    return {"alignment": alignment, "capability": capability, "reference": cfg.reference, "points": points}
+
+
 def _write_outputs(ctx: StageContext[EvalStage], report: dict, rows: list[dict], rewards: dict) -> None:
     write_json_atomic(ctx.stage_dir / "metrics.json", report)
     write_jsonl_atomic(ctx.stage_dir / "responses.jsonl", rows)
     ctx.outputs.update(metrics=str(ctx.stage_dir / "metrics.json"), responses=str(ctx.stage_dir / "responses.jsonl"))
+    if report["frontier"]["points"]:
+        ctx.outputs["frontier"] = str(plots.frontier(ctx.stage_dir / "frontier.png", report["frontier"]))
     if rewards:
         title = "reward-model score per policy (held-out prompts)"
         path = plots.histogram(ctx.stage_dir / "reward_distribution.png", rewards, title, "reward")
@@ -233,7 +277,7 @@ KIND = register(
         name="eval",
         config=EvalStage,
         run=run,
-        outputs=("metrics", "responses", "reward_distribution"),
+        outputs=("metrics", "responses", "reward_distribution", "frontier"),
         key_metrics=("prompts",),
     )
 )
