@@ -264,7 +264,7 @@ def assert_reference_adapter_frozen_and_policy_trains(trainer):
 # ---------------------------------------------------------------- precomputed reference log-probs
 
 
-def test_precomputed_reference_log_probs_are_cached_under_the_stage_dir(sft_runs, pairs, tmp_path):
+def test_precomputed_reference_log_probs_are_cached_under_the_stage_dir(sft_runs, pairs, tmp_path, capsys):
     run_dir = sft_runs.copy("full", tmp_path / "run")
     raw = sft_runs.recipe_dict("full")
     raw["stages"]["dpo"] = dpo_stage(pairs, precompute_ref_log_probs=True)
@@ -280,12 +280,15 @@ def test_precomputed_reference_log_probs_are_cached_under_the_stage_dir(sft_runs
 
     first = build()
     assert first.ref_logp_batches == 6 + 2  # 48 train and 12 eval pairs, batches of 8
+    said = capsys.readouterr().out  # our progress line for the step, in place of TRL's tqdm bar
+    assert "reference log-probs (train): 6/6 batches (100%)" in said and "(eval): 2/2 batches" in said
     cache = run_dir / "dpo" / "ref_cache"
     files = sorted(cache.rglob("cache-*.arrow"))
     assert files and all(f.is_relative_to(cache) for f in files)
     # Same pairs and reference, other DPO settings: nothing recomputed, the same log-probs.
     again = build("stages.dpo.beta=0.5", "stages.dpo.train.learning_rate=1e-5")
     assert again.ref_logp_batches == 0
+    assert "reference log-probs (train): 0/6 batches (0%), 0s; reused from the cache" in capsys.readouterr().out
     assert sorted(cache.rglob("cache-*.arrow")) == files
     assert again.train_dataset["ref_chosen_logps"] == first.train_dataset["ref_chosen_logps"]
     # A setting that changes the reference log-probs (truncation) recomputes.

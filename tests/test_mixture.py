@@ -173,3 +173,21 @@ def test_sft_mixture_shares_and_a_changed_weight_reruns_only_that_stage_and_its_
     assert rerun == {"sft", "next"}
     summary = json.loads((run_dir / "sft" / "data_summary.json").read_text())
     assert [s["taken"] for s in summary["mixture"]] == [200, 80, 120]
+
+
+def test_a_mixture_source_from_a_stage_is_wired_and_checked_like_a_single_one(tmp_path):
+    from conftest import POLICY_RECIPE
+
+    body = merge(POLICY_RECIPE, {})
+    body["stages"]["more"] = merge(body["stages"]["sft"], {})
+    body["stages"]["more"]["data"]["train"] = [
+        {"path": str(TINY / "sft_train.jsonl"), "weight": 3},
+        {"from_stage": "label", "output": "best", "weight": 1},
+    ]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    assert load_recipe(path).stages["more"].upstream() == {"data.train.from_stage": "label"}
+    body["stages"]["more"]["data"]["train"][1]["from_stage"] = "sft"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    with pytest.raises(RecipeError, match=r"stages\.more\.data\.train\.from_stage: stage 'sft' is a 'sft' stage"):
+        load_recipe(path)

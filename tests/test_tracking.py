@@ -158,6 +158,9 @@ def test_tensorboard_and_wandb_get_the_same_metrics_eval_table_and_plots(make_re
     run_dir = tmp_path / "run"
     out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
     assert out.returncode == 0, out.stderr[-3000:]
+    console = (out.stdout + out.stderr).splitlines()
+    assert not [line for line in console if line.startswith("wandb:")]  # W&B's banners and summaries
+    assert len([line for line in console if line.startswith("W&B: logged offline")]) == 2  # one line a stage
     stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
     for name in ("sft", "eval"):
         tracker = stages[name]["tracker"]
