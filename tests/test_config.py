@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_recipe, recipe_from_dict
+from pipeline.config import iter_sources, load_recipe, recipe_from_dict
 from pipeline.errors import RecipeError
 
 from conftest import BASE_RECIPE, REPO, merge, run_cli
@@ -33,10 +33,9 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.stages
     # data paths are resolved to absolute paths relative to the recipe file
-    for stage in recipe.stages.values():
-        data = getattr(stage, "data", None)
-        if data is not None and data.train.path:
-            assert Path(data.train.path).is_absolute()
+    for _, source in iter_sources(recipe.stages):
+        if source.path:
+            assert Path(source.path).is_absolute()
 
 
 def test_at_least_two_real_model_recipes():

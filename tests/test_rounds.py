@@ -74,8 +74,8 @@ def test_the_shipped_iterative_recipe_chains_three_rounds_on_the_sft_reference()
     assert recipe.stages["dpo_r3"].upstream() == {
         "policy_from": "dpo_r2",
         "reference_from": "sft",
-        "pairs_from": "bon_r3",
-        "data.train.from_stage": "bon_r3",
+        "data.train.from_stage[0]": "bon_r3",  # the reward model's pairs, mixed with
+        "data.train.from_stage[1]": "label_r3",  # the round's checker-labelled pairs
     }
 
 
