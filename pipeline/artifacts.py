@@ -54,6 +54,10 @@ class Manifest:
         self.backup = run_dir / MANIFEST_BACKUP
 
     def read(self) -> dict[str, Any]:
+        """The manifest; if the run directory was moved since it was written, its paths point to where it is now."""
+        return _moved(self._read_stored(), self.run_dir)
+
+    def _read_stored(self) -> dict[str, Any]:
         if not self.path.is_file():
             return {"stages": {}}
         data, problem = _load(self.path)
@@ -87,6 +91,27 @@ class Manifest:
         if self.path.is_file() and _load(self.path)[1] is None:
             write_text_atomic(self.backup, self.path.read_text())
         write_json_atomic(self.path, data)
+
+
+def _moved(data: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A manifest written in another place (the run directory was moved or copied: scratch disk -> shared
+    storage) with the paths of its stages' outputs under the old directory pointing into ``run_dir``.
+    Other paths (a Hub id, a base model elsewhere) are kept."""
+    old, new = data.get("run_dir"), Path(run_dir).resolve()
+    if not old or Path(old).resolve() == new:
+        return data
+
+    def rebase(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: rebase(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rebase(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value):
+            with contextlib.suppress(ValueError):
+                return str(new / Path(value).relative_to(old))
+        return value
+
+    return {**data, "stages": rebase(data["stages"]), "run_dir": str(new)}
 
 
 def _load(path: Path) -> tuple[dict[str, Any] | None, str | None]:

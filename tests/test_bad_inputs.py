@@ -502,3 +502,12 @@ def test_locked_run_dir_exits_2_naming_the_holder(command, tmp_path):
 
 def test_corpus_is_large():
     assert len(CASES) + 2 >= 50
+
+
+def test_a_missing_model_directory_is_named_as_such_not_as_a_hub_id(tmp_path):
+    from pipeline.modeling.loading import cannot_load
+
+    gone = str(tmp_path / "old-place" / "sft" / "model")
+    message = cannot_load("tokenizer", gone, OSError("Repo id must be in the form 'repo_name'"))
+    assert message == f"cannot load the tokenizer of {gone!r}: no such directory (was it moved or deleted?)"
+    assert "Hugging Face Hub" in cannot_load("model", "org/some-model", OSError("404"))

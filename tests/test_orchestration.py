@@ -189,6 +189,34 @@ def test_failed_stage_stops_the_run_keeps_earlier_outputs_and_reports(make_recip
     assert "failed" in out.stdout  # the results table is printed even when the run stops
 
 
+def test_a_moved_run_directory_finds_its_outputs_and_goes_on(make_recipe, tmp_path):
+    """Runs are moved (scratch disk -> shared storage): the stages after the move read their upstream outputs
+    from where the run is now, and the old place may be gone."""
+    import shutil
+
+    raw = yaml.safe_load(make_recipe().read_text())
+    recipe, first_place = write(tmp_path, raw), tmp_path / "scratch" / "run"
+    assert run_cli("run", str(recipe), "--output-dir", str(first_place)).returncode == 0
+    now_at = tmp_path / "shared" / "run"
+    now_at.parent.mkdir()
+    shutil.move(first_place, now_at)
+    raw["stages"]["more"] = {
+        "kind": "sft",
+        "init_from": "sft",
+        "data": {"train": {"path": str(TINY / "sft_eval.jsonl"), "limit": 16}},
+        "train": {"max_steps": 2, "batch_size": 8, "precision": "fp32"},
+    }
+    out = run_cli("run", str(write(tmp_path, raw)), "--output-dir", str(now_at))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[sft] cached" in out.stdout
+    stages = manifest(now_at)
+    assert stages["more"]["status"] == "done"
+    assert stages["sft"]["outputs"]["model"]["path"] == str(now_at / "sft" / "model")
+    assert str(first_place) not in (now_at / "manifest.json").read_text()
+    export = run_cli("export", str(now_at), "sft", str(tmp_path / "exported"))
+    assert export.returncode == 0, export.stderr[-2000:]
+
+
 def test_launch_config_runs_each_stage_under_accelerate(make_recipe, tmp_path):
     recipe = make_recipe({"stages": {"sft": {"train": {"max_steps": 4, "batch_size": 4, "save_steps": 4}}}})
     run_dir = tmp_path / "run"

@@ -81,6 +81,8 @@ def cannot_load(what: str, source: str, exc: OSError) -> str:
     """One message for a model or tokenizer that would not load; for a Hub id, how to run without the network."""
     if Path(source).exists():
         return f"cannot load the {what} of {source!r}: {exc}"
+    if source.startswith(("/", "./", "../", "~")):  # a directory, not a Hub id
+        return f"cannot load the {what} of {source!r}: no such directory (was it moved or deleted?)"
     from pipeline.preflight import offline_advice
 
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
