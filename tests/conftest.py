@@ -135,6 +135,17 @@ POLICY_RECIPE = {
 }
 
 
+# A small GRPO stage on the policy above (its train settings are each test's own).
+GRPO_STAGE = {
+    "kind": "grpo",
+    "policy_from": "sft",
+    "prompts": {"path": str(TINY / "prompts_label.jsonl"), "limit": 64},
+    "rewards": {"preferred": {"checker": "pipeline.tinytasks:preferred"}},
+    "num_generations": 4,
+    "max_new_tokens": 16,
+}
+
+
 @pytest.fixture(scope="session")
 def policy_run(tmp_path_factory):
     """(recipe path, run dir) with the sft stage of POLICY_RECIPE done. Copy the run dir before writing."""

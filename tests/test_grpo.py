@@ -13,23 +13,14 @@ from pipeline.artifacts import Manifest
 from pipeline.config import load_recipe
 from pipeline.errors import PipelineError
 
-from conftest import TINY
+from conftest import GRPO_STAGE
 
 pytestmark = pytest.mark.slow
 
 
 def grpo_stage(**extra) -> dict:
-    stage = {
-        "kind": "grpo",
-        "policy_from": "sft",
-        "prompts": {"path": str(TINY / "prompts_label.jsonl"), "limit": 64},
-        "rewards": {"preferred": {"checker": "pipeline.tinytasks:preferred"}},
-        "num_generations": 4,
-        "max_new_tokens": 16,
-        "train": {"learning_rate": 1e-4, "max_steps": 6, "batch_size": 2, "logging_steps": 1, "save_steps": 3},
-    }
-    stage.update(extra)
-    return stage
+    train = {"learning_rate": 1e-4, "max_steps": 6, "batch_size": 2, "logging_steps": 1, "save_steps": 3}
+    return {**GRPO_STAGE, "train": train, **extra}
 
 
 def with_grpo(policy_copy, **extra):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BASE_RECIPE, REPO, TINY, merge, run_cli
+from conftest import BASE_RECIPE, GRPO_STAGE, REPO, TINY, merge, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -95,14 +95,7 @@ TRAINED_AFTER_LABEL = {  # training stages after the labelled-pairs stage, kille
         "beta": 0.3,
         "precompute_ref_log_probs": True,
     },
-    "grpo": {
-        "kind": "grpo",
-        "policy_from": "sft",
-        "prompts": {"path": str(TINY / "prompts_label.jsonl"), "limit": 64},
-        "rewards": {"preferred": {"checker": "pipeline.tinytasks:preferred"}},
-        "num_generations": 4,
-        "max_new_tokens": 16,
-    },
+    "grpo": GRPO_STAGE,
 }
 SHORT_TRAIN = {"learning_rate": 1e-4, "max_steps": 60, "batch_size": 8, "save_steps": 4, "logging_steps": 20}
 

@@ -53,6 +53,17 @@ def load_prompts(sources, template: str, seed: int = 0) -> tuple[list[PromptReco
     return unique, stats
 
 
+def stage_prompts(ctx, policy_stage: str) -> tuple[list[PromptRecord], dict[str, Any]]:
+    """A sampling stage's ``prompts`` (bon, grpo, eval), rendered with its ``template`` or else the one
+    ``policy_stage`` was trained with; a mixture's per-source counts are printed."""
+    from pipeline.data.mixture import say_mixture
+
+    template = ctx.cfg.template or ctx.recipe.policy_template(policy_stage)
+    prompts, stats = load_prompts(ctx.resolve_source(ctx.cfg.prompts), template, ctx.seed)
+    say_mixture(ctx.say, ctx.name, stats.get("mixture"), "prompts")
+    return prompts, stats
+
+
 def _load_source(source, template: str) -> tuple[list[PromptRecord], dict[str, int]]:
     rows = read_source(source)
     columns = set(rows.rows[0])

@@ -193,8 +193,6 @@ class LengthReport:
 
 def merge_reports(reports: list[LengthReport], kept: list[Example]) -> LengthReport:
     """One report for a mixture's sources: their counts added, lengths and duplicates over ``kept`` (the mix)."""
-    if len(reports) == 1:
-        return reports[0]
     lengths = [n for r in reports for n in r.lengths]
     merged = LengthReport(rows=sum(r.rows for r in reports), kept=sum(r.kept for r in reports), lengths=lengths)
     for key in ("dropped_overlength", "dropped_prompt_too_long", "truncated"):

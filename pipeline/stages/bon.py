@@ -17,8 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline import selection, yields
 from pipeline.config.schema import POLICY, Sources, StageConfig, Strict, function_ref, function_refs
 from pipeline.context import StageContext
-from pipeline.data.mixture import say_mixture
-from pipeline.data.prompts import PromptRecord, load_prompts
+from pipeline.data.prompts import PromptRecord, stage_prompts
 from pipeline.errors import PipelineError
 from pipeline.fileio import write_jsonl_atomic
 from pipeline.stages import StageKind, register
@@ -78,10 +77,8 @@ class BonStage(StageConfig):
 def run(ctx: StageContext[BonStage]) -> dict[str, Any]:
     from pipeline.scoring import load_function
 
-    cfg, recipe = ctx.cfg, ctx.recipe
-    template = cfg.template or recipe.policy_template(cfg.policy_from)
-    prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template, ctx.seed)
-    say_mixture(ctx.say, ctx.name, prompt_stats.get("mixture"), "prompts")
+    cfg = ctx.cfg
+    prompts, prompt_stats = stage_prompts(ctx, cfg.policy_from)
     checks = {name: load_function(ref, f"stages.{ctx.name}.report.{name}") for name, ref in cfg.report.items()}
 
     shards = [prompts[i : i + cfg.shard_size] for i in range(0, len(prompts), cfg.shard_size)]

@@ -19,8 +19,7 @@ from pipeline import plots, selection
 from pipeline.config.schema import POLICY, Sources, StageConfig, function_refs
 from pipeline.console import stage_progress
 from pipeline.context import StageContext
-from pipeline.data.mixture import say_mixture
-from pipeline.data.prompts import load_prompts
+from pipeline.data.prompts import stage_prompts
 from pipeline.fileio import write_json_atomic, write_jsonl_atomic
 from pipeline.stages import StageKind, register
 
@@ -88,9 +87,7 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     cfg, recipe = ctx.cfg, ctx.recipe
     if not ctx.is_main:  # evaluation is cheap next to training: one process does it
         return {}
-    template = cfg.template or recipe.policy_template(cfg.reference)
-    prompts, prompt_stats = load_prompts(ctx.resolve_source(cfg.prompts), template, ctx.seed)
-    say_mixture(ctx.say, ctx.name, prompt_stats.get("mixture"), "prompts")
+    prompts, prompt_stats = stage_prompts(ctx, cfg.reference)
     checks = {name: load_function(ref, f"stages.{ctx.name}.checkers.{name}") for name, ref in cfg.checkers.items()}
     rm = reward_scorer(ctx, cfg.reward_from) if cfg.reward_from else None
     tokenizer = modeling.load_tokenizer(recipe.model, path=ctx.model_of(cfg.reference).path, padding_side="left")

@@ -66,16 +66,12 @@ def build_trainer(ctx: StageContext[GRPOStage]):
     from trl import GRPOConfig, GRPOTrainer
 
     from pipeline import modeling, training
-    from pipeline.data.mixture import say_mixture
-    from pipeline.data.prompts import load_prompts
+    from pipeline.data.prompts import stage_prompts
 
     cfg, recipe = ctx.cfg, ctx.recipe
     policy = ctx.model_of(cfg.policy_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path)
-    prompts, prompt_stats = load_prompts(
-        ctx.resolve_source(cfg.prompts), cfg.template or recipe.policy_template(cfg.policy_from), ctx.seed
-    )
-    say_mixture(ctx.say, ctx.name, prompt_stats.get("mixture"), "prompts")
+    prompts, _ = stage_prompts(ctx, cfg.policy_from)
     if len(prompts) < cfg.train.batch_size:
         raise PipelineError(
             f"stages.{ctx.name}.prompts: {len(prompts)} prompt(s), fewer than one step's train.batch_size "
