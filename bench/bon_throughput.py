@@ -21,8 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import generation  # noqa: E402
 from pipeline.data.templates import alpaca_prompt  # noqa: E402
+from pipeline.rollout import generation  # noqa: E402
 
 
 def generated_tokens(seqs: torch.Tensor, prompt_len: int, eos_ids: list[int], pad_id: int) -> int:
@@ -76,7 +76,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tinymodel import tiny_model_path
+    from pipeline.builtin.tiny_model import tiny_model_path
 
     path = args.model or str(tiny_model_path())
     tok = AutoTokenizer.from_pretrained(path)

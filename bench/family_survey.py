@@ -77,7 +77,7 @@ def recipe(template: str, data: dict[str, Path]) -> dict:
         "template": "none" if template == "chat" else "alpaca",
     }
     prompts = {"path": str(TINY / "prompts_eval.jsonl"), "limit": 16}
-    report = {"preferred": "pipeline.tinytasks:preferred"}
+    report = {"preferred": "pipeline.builtin.tasks:preferred"}
     return {
         "name": f"survey-{template}",
         "seed": 0,
@@ -95,7 +95,7 @@ def recipe(template: str, data: dict[str, Path]) -> dict:
                 "prompts": prompts,
                 "n": 4,
                 "max_new_tokens": 16,
-                "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
                 "report": report,
             },
             "reward": {"kind": "reward", "base_from": "sft", "data": pairs, "train": TRAIN},
@@ -187,7 +187,7 @@ def survey(family: str, template: str, out: Path, data: dict[str, Path]) -> dict
     }
     if proc.returncode != 0:
         result["failure"] = failure(proc)
-    from pipeline import replicas
+    from pipeline.builtin import replicas
 
     result["leaks"] = leaks(
         run_dir, list({*replicas.FAMILIES[family].specials_back, *replicas.FAMILIES[family].specials_front} - {"<unk>"})
@@ -199,7 +199,7 @@ def survey(family: str, template: str, out: Path, data: dict[str, Path]) -> dict
 
 
 def main() -> None:
-    from pipeline import replicas
+    from pipeline.builtin import replicas
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(replicas.FAMILIES))

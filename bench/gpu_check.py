@@ -8,7 +8,7 @@ dtype, 4-bit NF4, prepare_model_for_kbit_training, LoRA), and runs a few optimiz
   reward  a one-output sequence classifier on chosen + rejected (2 x batch_size sequences);
   dpo     policy on chosen + rejected, reference forward without gradients (a frozen full copy for a
           full-weight policy, the adapter-disabled model for LoRA: same base, no extra weights);
-  bon     one best-of-n generation batch through pipeline.generation.sample_batch (n=8, 64 new tokens);
+  bon     one best-of-n generation batch through pipeline.rollout.generation.sample_batch (n=8, 64 new tokens);
 
 with what the trainers do that moves memory: bf16 autocast, non-reentrant activation checkpointing, TRL's
 chunked LM head (trl.trainer.utils.add_fused_lm_head, or trl.kernels directly when trl's trainer module
@@ -130,7 +130,7 @@ def case_recipe(case: str, layers: int | None, dry_run: bool = False):
             "n": 8,
             "max_new_tokens": 16 if dry_run else 64,
             "batch_size": 2 if dry_run else 8,
-            "scorer": {"checker": "pipeline.tinytasks:preferred"},
+            "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
         },
     }
     return recipe_from_dict(raw)
@@ -371,7 +371,7 @@ def run_training(kind: str, recipe, base: str, device: str, steps: int) -> dict:
 def run_bon(recipe, base: str, device: str, prompt_tokens: int) -> dict:
     import torch
 
-    from pipeline.generation import sample_batch
+    from pipeline.rollout.generation import sample_batch
 
     s = planner.stage_setup(recipe, "bon", prompt_tokens)
     model = load(recipe, base, device, trainable=False)

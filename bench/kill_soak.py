@@ -39,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.checkpoints import _safetensors_problem, checkpoint_problem, checkpoints  # noqa: E402
+from pipeline.train.checkpoints import _safetensors_problem, checkpoint_problem, checkpoints  # noqa: E402
 
 TARGETS = ["sft", "label", "reward", "bon", "rs_sft", "dpo", "dpo_pre", "eval"]
 SMALL = {

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.json"
 TINY = REPO / "data" / "tiny"
 
-from pipeline import runner  # noqa: E402
 from pipeline.config import load_recipe  # noqa: E402
+from pipeline.run import runner  # noqa: E402
 
 
 def datasets_available(work: Path, rows: int, alpaca: Path) -> dict[str, tuple[Path, Path]]:

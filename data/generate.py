@@ -10,13 +10,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 try:
-    from pipeline.tinytasks import write_splits
+    from pipeline.builtin.tasks import write_splits
 except ImportError:
     # Run from a checkout without installing: the repo root holds pipeline/.
     sys.path.insert(0, str(HERE.parent))
     for mod in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
         del sys.modules[mod]  # drop an unrelated "pipeline" if one was found
-    from pipeline.tinytasks import write_splits
+    from pipeline.builtin.tasks import write_splits
 
 
 def main(argv: list[str]) -> int:

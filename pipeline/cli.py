@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.console import VERBOSE_ENV, quiet_early
-from pipeline.errors import PipelineError
+from pipeline.util.console import VERBOSE_ENV, quiet_early
+from pipeline.util.errors import PipelineError
 
 EXIT_USER_ERROR = 2
 
@@ -122,7 +122,7 @@ def _dispatch(args) -> int:
                 + "\n  ".join(missing)
             )
         _check_model(recipe, args.recipe)
-        from pipeline.preflight import data_problems
+        from pipeline.run.preflight import data_problems
 
         problems = data_problems(recipe)  # every local file read and checked row by row, as its stage will
         if problems:
@@ -139,7 +139,7 @@ def _dispatch(args) -> int:
         return plan.main(args)
 
     if args.command == "export":
-        from pipeline.export import export
+        from pipeline.run.export import export
 
         export(args.run_dir, args.stage, args.out_dir)
         return 0
@@ -153,14 +153,14 @@ def _dispatch(args) -> int:
         stages = [args.name]
     else:
         stages = _stages_to_run(args, recipe, recipe_path)
-    from pipeline.lock import run_dir_lock
-    from pipeline.tracking import check_online
+    from pipeline.observe.tracking import check_online
+    from pipeline.run.lock import run_dir_lock
 
     check_online(recipe)  # mode: online and W&B unreachable: fail now, not minutes into a stage
-    from pipeline.preflight import hub_data_problem, hub_model_problem
+    from pipeline.run.preflight import hub_data_problem, hub_model_problem
 
     # a Hub model or dataset that cannot be fetched: now, not after minutes of retries inside a stage
-    from pipeline.runner import is_cached
+    from pipeline.run.runner import is_cached
 
     to_run = [name for name in stages if not is_cached(recipe, name, run_dir)]
     problem = hub_model_problem(recipe) or hub_data_problem(recipe, to_run)
@@ -202,7 +202,8 @@ def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -
     if not torch.cuda.is_available():
         # DeepSpeed would otherwise warn on every import that it fell back to the CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from pipeline import report, runner
+    from pipeline.observe import report
+    from pipeline.run import runner
 
     if args.command == "stage":
         runner.run_stage(recipe, args.name, run_dir)
@@ -211,7 +212,7 @@ def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -
     try:
         runner.run_pipeline(recipe, run_dir, stages, launch=launch)
     finally:
-        from pipeline.artifacts import Manifest
+        from pipeline.run.manifest import Manifest
 
         if Manifest(run_dir).path.is_file():
             final = Manifest(run_dir).read()
@@ -222,8 +223,8 @@ def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -
 
 
 def _check_model(recipe, recipe_path) -> None:
-    """The model's tokenizer files and chat template, read without torch (pipeline.preflight)."""
-    from pipeline.preflight import model_problems
+    """The model's tokenizer files and chat template, read without torch (pipeline.run.preflight)."""
+    from pipeline.run.preflight import model_problems
 
     problems = model_problems(recipe)
     if problems:

@@ -92,7 +92,7 @@ def length_grouped(trainer_cls: type) -> type:
     Trainer calls with the dataset it is about to batch.
     """
     if trainer_cls not in _GROUPED:
-        from pipeline.batching import LengthGroupedBatches
+        from pipeline.train.batching import LengthGroupedBatches
 
         class Grouped(trainer_cls):
             def _get_train_sampler(self, train_dataset=None):
@@ -191,7 +191,7 @@ def dpo_trainer_class():
 
             def _precompute_ref_logps(self, dataset, name, batch_size):
                 # our progress line in place of TRL's tqdm bar (silenced unless --verbose)
-                from pipeline import console
+                from pipeline.util import console
 
                 total = -(-len(dataset) // (batch_size * self.accelerator.num_processes))
                 label = f"{console.stage_label()} reference log-probs ({name})".strip()

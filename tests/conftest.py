@@ -90,7 +90,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from pipeline.tinymodel import tiny_model_path
+    from pipeline.builtin.tiny_model import tiny_model_path
 
     return tiny_model_path()
 
@@ -128,8 +128,11 @@ POLICY_RECIPE = {
             "n": 8,
             "max_new_tokens": 24,
             "shard_size": 60,
-            "scorer": {"checker": "pipeline.tinytasks:preferred"},
-            "report": {"preferred": "pipeline.tinytasks:preferred", "correct": "pipeline.tinytasks:answer_correct"},
+            "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
+            "report": {
+                "preferred": "pipeline.builtin.tasks:preferred",
+                "correct": "pipeline.builtin.tasks:answer_correct",
+            },
         },
     },
 }
@@ -140,7 +143,7 @@ GRPO_STAGE = {
     "kind": "grpo",
     "policy_from": "sft",
     "prompts": {"path": str(TINY / "prompts_label.jsonl"), "limit": 64},
-    "rewards": {"preferred": {"checker": "pipeline.tinytasks:preferred"}},
+    "rewards": {"preferred": {"checker": "pipeline.builtin.tasks:preferred"}},
     "num_generations": 4,
     "max_new_tokens": 16,
 }
@@ -149,8 +152,8 @@ GRPO_STAGE = {
 @pytest.fixture(scope="session")
 def policy_run(tmp_path_factory):
     """(recipe path, run dir) with the sft stage of POLICY_RECIPE done. Copy the run dir before writing."""
-    from pipeline import runner
     from pipeline.config import load_recipe
+    from pipeline.run import runner
 
     root = tmp_path_factory.mktemp("policy")
     path = root / "recipe.yaml"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.lock import TOKEN_ENV
+from pipeline.run.lock import TOKEN_ENV
 
 from conftest import BASE_RECIPE, REPO, TINY, merge, run_cli
 
@@ -107,7 +107,7 @@ def prompts_file(name: str, content: str) -> Callable[[Path], list[str]]:
             "kind": "bon",
             "policy_from": "sft",
             "prompts": {"path": path},
-            "scorer": {"checker": "pipeline.tinytasks:preferred"},
+            "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
         }
         return ["validate", recipe(tmp, {"stages": {"label": stage}})]
 
@@ -122,7 +122,7 @@ BON = {
     "kind": "bon",
     "policy_from": "sft",
     "prompts": {"path": str(PROMPTS)},
-    "scorer": {"checker": "pipeline.tinytasks:preferred"},
+    "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
 }
 DPO = {"kind": "dpo", "policy_from": "sft", "data": {"train": {"path": str(SFT)}}}
 
@@ -193,7 +193,7 @@ RECIPE_CASES = [
     ),
     Case(
         "scorer-checker-and-reward",
-        stage({**BON, "scorer": {"checker": "pipeline.tinytasks:preferred", "reward_from": "sft"}}, "label"),
+        stage({**BON, "scorer": {"checker": "pipeline.builtin.tasks:preferred", "reward_from": "sft"}}, "label"),
         ("stages.label.scorer", "exactly one"),
     ),
     Case(
@@ -479,7 +479,7 @@ def test_bad_input_exits_2_with_a_message_naming_it(case: Case, tmp_path):
         assert expected in out.stderr, f"{expected!r} not in:\n{out.stderr[-3000:]}"
 
 
-LOCK_HOLDER = "import sys, time; from pipeline.lock import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
+LOCK_HOLDER = "import sys, time; from pipeline.run.lock import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)\n"
 
 
 @pytest.mark.parametrize("command", ["run", "stage"])

@@ -11,10 +11,11 @@ from collections import Counter
 import pytest
 import torch
 
-from pipeline import compat, runner
+from pipeline import compat
 from pipeline.config import load_recipe
-from pipeline.errors import RecipeError
+from pipeline.run import runner
 from pipeline.stages import dpo, reward, sft
+from pipeline.util.errors import RecipeError
 
 
 def _sft_trainer(make_recipe, tmp_path, batching: str, **train):
@@ -103,7 +104,7 @@ def test_packed_batch_gives_the_padded_loss_and_no_attention_crosses_rows(make_r
 
 
 def test_packing_is_for_sft_only(make_recipe, tmp_path):
-    from pipeline.batching import resolve as batching_mode
+    from pipeline.train.batching import resolve as batching_mode
 
     assert batching_mode("auto", packable=True, cuda=False) == "grouped"
     assert batching_mode("auto", packable=True, cuda=True) == "packed"
@@ -180,7 +181,7 @@ def test_sequence_length_of_sft_rows_and_pairs():
 
 
 def test_grouped_batches_are_homogeneous_and_in_random_order():
-    from pipeline.batching import LengthGroupedBatches
+    from pipeline.train.batching import LengthGroupedBatches
 
     torch.manual_seed(0)
     lengths = [int(x) for x in torch.randint(10, 200, (1000,))]
@@ -198,7 +199,7 @@ def test_grouped_batches_are_homogeneous_and_in_random_order():
 
 
 def test_grouped_order_depends_on_seed_and_epoch_only_so_a_resumed_run_skips_into_the_same_order():
-    from pipeline.batching import LengthGroupedBatches
+    from pipeline.train.batching import LengthGroupedBatches
 
     lengths = list(range(5, 505))
     first = LengthGroupedBatches(lengths, batch_size=8, seed=3)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import runner, tinytasks
+from pipeline.builtin import tasks
 from pipeline.config import DataSource, load_recipe
 from pipeline.data.prompts import load_prompts
-from pipeline.errors import DataError, PipelineError
+from pipeline.run import runner
+from pipeline.util.errors import DataError, PipelineError
 
 from conftest import REPO, SHARED_DATA
 
@@ -67,7 +68,7 @@ def test_real_prompt_file_loads_as_instructions():
 def test_greedy_sampler_equals_generate_with_padding_and_dropped_rows(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import generation
+    from pipeline.rollout import generation
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -98,7 +99,7 @@ def test_greedy_sampler_equals_generate_with_padding_and_dropped_rows(tiny_model
 def test_sampling_is_seeded_and_top_p_restricts(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import generation
+    from pipeline.rollout import generation
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -133,11 +134,11 @@ def test_rubric_scored_best_of_8_plumbing(policy_copy):
     pairs = read_jsonl(entry["outputs"]["pairs"])
     assert pairs and len(pairs) == m["pairs"]
     for pair in pairs:  # every pair is (preferred, not preferred)
-        assert tinytasks.preferred(pair, pair["chosen"]) and not tinytasks.preferred(pair, pair["rejected"])
+        assert tasks.preferred(pair, pair["chosen"]) and not tasks.preferred(pair, pair["rejected"])
     best = read_jsonl(entry["outputs"]["best"])
     assert len(best) == m["prompts"] - m["select"]["best"]["prompts_without_valid"]
     assert all({"instruction", "input", "output", "prompt_id"} <= set(r) for r in best)  # Alpaca rows: SFT-ready
-    assert sum(tinytasks.preferred(r, r["output"]) for r in best) == round(pref["best"] * m["prompts"])
+    assert sum(tasks.preferred(r, r["output"]) for r in best) == round(pref["best"] * m["prompts"])
 
 
 class Interrupt(Exception):
@@ -148,7 +149,7 @@ class Interrupt(Exception):
 def test_interrupted_bon_resumes_finished_shards_and_matches_an_uninterrupted_run(policy_run, tmp_path, monkeypatch):
     import shutil
 
-    from pipeline import sampling
+    from pipeline.rollout import sampling
 
     recipe_path, source = policy_run
     recipe = load_recipe(recipe_path)
@@ -249,7 +250,7 @@ def test_rejection_sampling_sft_trains_on_the_best(policy_copy):
     summary = json.loads((run_dir / "rs_sft" / "data_summary.json").read_text())
     best = read_jsonl(bon_entry["outputs"]["best"])
     assert summary["train"]["rows"] == len(best) == bon_entry["metrics"]["best_rows"]
-    assert all(tinytasks.preferred(r, r["output"]) for r in best)  # min_score kept accepted responses only
+    assert all(tasks.preferred(r, r["output"]) for r in best)  # min_score kept accepted responses only
 
 
 @pytest.mark.slow
@@ -258,7 +259,7 @@ def test_checker_that_cannot_be_imported_is_a_clear_error(policy_copy):
     recipe = load_recipe(recipe_path, ["stages.label.scorer.checker=no_such_module:check"])
     with pytest.raises(PipelineError, match=r"stages\.label\.scorer\.checker: cannot import module 'no_such_module'"):
         runner.run_stage(recipe, "label", run_dir)
-    recipe = load_recipe(recipe_path, ["stages.label.scorer.checker=pipeline.tinytasks:nope"])
+    recipe = load_recipe(recipe_path, ["stages.label.scorer.checker=pipeline.builtin.tasks:nope"])
     with pytest.raises(PipelineError, match=r"has no function 'nope'; it has: .*answer_correct"):
         runner.run_stage(recipe, "label", run_dir)
 
@@ -272,7 +273,7 @@ def test_bon_needs_a_finished_policy(make_recipe, tmp_path):
                         "kind": "bon",
                         "policy_from": "sft",
                         "prompts": {"path": str(REPO / "data/tiny/prompts_label.jsonl")},
-                        "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                        "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
                     }
                 }
             }

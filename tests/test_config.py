@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import iter_sources, load_recipe, recipe_from_dict
-from pipeline.errors import RecipeError
+from pipeline.util.errors import RecipeError
 
 from conftest import BASE_RECIPE, REPO, merge, run_cli
 
@@ -21,7 +21,7 @@ def test_config_imports_without_torch():
 
     # loading a recipe imports every stage kind's module (the registry): they must import torch lazily
     code = (
-        "import pipeline.config, pipeline.data.sft, pipeline.artifacts, pipeline.tinytasks, sys; "
+        "import pipeline.config, pipeline.data.sft, pipeline.run.manifest, pipeline.builtin.tasks, sys; "
         "pipeline.config.load_recipe('recipes/demo.yaml'); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

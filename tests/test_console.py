@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from pipeline import console
+from pipeline.util import console
 
 
 class FakeClock:

@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import DataSource
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
 from pipeline.data.templates import ALPACA_PROMPT_NO_INPUT, alpaca_prompt
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 
 def write_jsonl(path, rows):

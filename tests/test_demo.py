@@ -15,7 +15,7 @@ from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
-# Other libraries' expected noise, silenced unless --verbose (pipeline.console).
+# Other libraries' expected noise, silenced unless --verbose (pipeline.util.console).
 NOISE = (
     "Failed to load CPU gemm_4bit_forward",  # bitsandbytes' optional kernels
     "Token indices sequence length is longer than",  # transformers; the SFT stage counts over-length rows

@@ -10,12 +10,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline import cli, modeling, runner
-from pipeline.artifacts import Manifest
+from pipeline import cli, modeling
 from pipeline.config import load_recipe
 from pipeline.data.templates import alpaca_prompt
-from pipeline.errors import PipelineError, RecipeError
+from pipeline.run import runner
+from pipeline.run.manifest import Manifest
 from pipeline.stages import dpo
+from pipeline.util.errors import PipelineError, RecipeError
 
 from conftest import BASE_RECIPE, TINY, merge, run_cli
 
@@ -335,7 +336,7 @@ def test_export_merges_a_lora_adapter_into_a_plain_model(sft_runs, tmp_path):
 def test_export_of_a_4bit_adapter_and_of_a_full_model(sft_runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.export import export
+    from pipeline.run.export import export
 
     run_dir = sft_runs.copy("4bit", tmp_path / "run4")
     export(run_dir, "sft", tmp_path / "q", say=lambda _: None)

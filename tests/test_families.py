@@ -17,7 +17,7 @@ import pytest
 import yaml
 from families import FAMILIES, adapter_pipeline, full_pipeline, write_family_data
 
-from pipeline import replicas
+from pipeline.builtin import replicas
 
 from conftest import run_cli
 
@@ -71,8 +71,8 @@ def test_sampling_stops_at_eos_generation_config_and_end_of_turn(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompts_and_reward_inputs_have_one_bos(family):
-    from pipeline.generation import encode_prompts
-    from pipeline.scoring import RewardModelScorer
+    from pipeline.rollout.generation import encode_prompts
+    from pipeline.rollout.scoring import RewardModelScorer
 
     tok = tokenizer_of(family)
     chat_prompt, text_prompt = encode_prompts(tok, [CONVERSATION, "### Instruction:\nAdd 2 and 3.\n\n### Response:"])
@@ -97,7 +97,7 @@ def test_reward_score_is_independent_of_batch_and_padding_side(family):
 
     from pipeline import modeling
     from pipeline.config import ModelConfig
-    from pipeline.scoring import RewardModelScorer
+    from pipeline.rollout.scoring import RewardModelScorer
 
     cfg = ModelConfig(name_or_path=replicas.PREFIX + family, dtype="float32")
     tok = modeling.load_tokenizer(cfg)
@@ -162,8 +162,8 @@ def test_a_conversation_the_template_refuses_is_a_data_error_naming_the_row():
     from functools import partial
 
     from pipeline.data.preference import PreferencePair, lint_pairs
-    from pipeline.errors import DataError
     from pipeline.modeling import token_length
+    from pipeline.util.errors import DataError
 
     system = [{"role": "system", "content": "Be brief."}] + CONVERSATION
     pair = PreferencePair(
@@ -183,9 +183,9 @@ def test_a_conversation_the_template_refuses_is_a_data_error_naming_the_row():
     ],
 )
 def test_sft_data_with_a_system_turn_is_refused_where_the_template_loses_or_refuses_it(family, expected):
-    from pipeline.data.chat_checks import check_chat_examples
+    from pipeline.data.chat_fit import check_chat_examples
     from pipeline.data.sft import Example
-    from pipeline.errors import DataError
+    from pipeline.util.errors import DataError
 
     tok = tokenizer_of(family)
     example = Example(
@@ -274,9 +274,9 @@ def test_unknown_family_and_unknown_offline_model_are_one_clear_error(tmp_path):
 
 def test_a_chat_dataset_on_a_tokenizer_without_template_fails_at_stage_start_too(tmp_path):
     """Hub ids that are not cached cannot be checked at validate; the stage checks the loaded tokenizer."""
-    from pipeline import runner
     from pipeline.config import load_recipe
-    from pipeline.errors import PipelineError
+    from pipeline.run import runner
+    from pipeline.util.errors import PipelineError
 
     model_dir = _model_without_chat_template(tmp_path)
     recipe = load_recipe(_recipe(tmp_path, str(model_dir)))
@@ -291,8 +291,8 @@ def test_a_chat_dataset_on_a_tokenizer_without_template_fails_at_stage_start_too
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def full_run(request, tmp_path_factory):
-    from pipeline import runner
     from pipeline.config import recipe_from_dict
+    from pipeline.run import runner
 
     family = request.param
     out = tmp_path_factory.mktemp(f"family-{family}")
@@ -324,8 +324,9 @@ def test_every_stage_runs_and_nothing_leaks_special_tokens(full_run):
 @pytest.mark.slow
 def test_sft_labels_hold_the_end_of_turn_and_greedy_generation_stops(full_run):
     """(a) pad == eos (qwen2.5, phi3) must not mask the real end of the reply out of the labels."""
-    from pipeline import generation, modeling
+    from pipeline import modeling
     from pipeline.modeling.chat import end_of_turn_ids
+    from pipeline.rollout import generation
 
     family, recipe, run_dir, manifest = full_run
     ref = modeling.ModelRef.from_dict(manifest["stages"]["sft"]["outputs"]["model"])
@@ -344,8 +345,8 @@ def test_sft_labels_hold_the_end_of_turn_and_greedy_generation_stops(full_run):
 @pytest.mark.slow
 def test_trainers_get_one_bos_and_the_end_of_turn_in_the_labels(full_run):
     """(b) for every trainer's tokenized data; (a) the end-of-turn token is a label in SFT."""
-    from pipeline.context import StageContext
     from pipeline.modeling.chat import end_of_turn_ids
+    from pipeline.run.context import StageContext
     from pipeline.stages import dpo, reward, sft
 
     family, recipe, run_dir, _ = full_run
@@ -379,7 +380,7 @@ def test_export_reloads_to_identical_logits(full_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.export import export
+    from pipeline.run.export import export
 
     family, _, run_dir, manifest = full_run
     export(run_dir, "dpo", tmp_path / "out", say=lambda *_: None)
@@ -400,9 +401,9 @@ def test_lora_on_a_4bit_base_then_export_merges_to_the_same_logits(family, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline import runner
     from pipeline.config import recipe_from_dict
-    from pipeline.export import export
+    from pipeline.run import runner
+    from pipeline.run.export import export
 
     recipe = recipe_from_dict(adapter_pipeline(family, write_family_data(tmp_path), quantization="4bit"))
     manifest = runner.run_pipeline(recipe, tmp_path / "run", say=lambda *_: None)

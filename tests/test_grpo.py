@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import runner
-from pipeline.artifacts import Manifest
 from pipeline.config import load_recipe
-from pipeline.errors import PipelineError
+from pipeline.run import runner
+from pipeline.run.manifest import Manifest
+from pipeline.util.errors import PipelineError
 
 from conftest import GRPO_STAGE
 

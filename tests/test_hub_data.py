@@ -11,7 +11,7 @@ from pipeline.config.schema import DataSource
 from pipeline.data.preference import load_preference_pairs
 from pipeline.data.sft import load_sft_examples
 from pipeline.data.sources import read_source
-from pipeline.errors import RecipeError
+from pipeline.util.errors import RecipeError
 
 HH_ROW = {
     "chosen": "\n\nHuman: What is 2+3?\n\nAssistant: 5.",

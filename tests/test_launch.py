@@ -65,8 +65,8 @@ def test_world_size_mismatch_is_an_error_not_a_silent_solo_run(monkeypatch):
     """A rank told WORLD_SIZE=2 that ends up in a group of 1 must refuse to train alone."""
     import accelerate
 
-    from pipeline import runner
-    from pipeline.errors import PipelineError
+    from pipeline.run import runner
+    from pipeline.util.errors import PipelineError
 
     class Solo:
         num_processes = 1

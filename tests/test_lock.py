@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from pipeline.lock import LOCK_NAME, TOKEN_ENV, RunDirLocked, run_dir_lock
+from pipeline.run.lock import LOCK_NAME, TOKEN_ENV, RunDirLocked, run_dir_lock
 
 from conftest import REPO, run_cli
 
-HOLD = "import sys, time; from pipeline.lock import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)\n"
+HOLD = "import sys, time; from pipeline.run.lock import run_dir_lock\nwith run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)\n"
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_child_with_the_holders_token_and_secondary_ranks_share_the_lock(tmp_pat
         info = json.loads((run_dir / LOCK_NAME).read_text())
         assert info["token"] == token
         # a stage process started by this run (same token): runs under the parent's lock
-        code = "import sys; from pipeline.lock import run_dir_lock\nwith run_dir_lock(sys.argv[1]): print('ok')"
+        code = "import sys; from pipeline.run.lock import run_dir_lock\nwith run_dir_lock(sys.argv[1]): print('ok')"
         child = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=REPO, capture_output=True, text=True)
         assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr
         # rank 1 of a launch: rank 0 holds the lock for it

@@ -14,7 +14,7 @@ from pipeline.config.schema import PreferenceDataConfig
 from pipeline.data.mixture import Part, mix
 from pipeline.data.preference import prepare_pairs
 from pipeline.data.prompts import load_prompts
-from pipeline.errors import RecipeError
+from pipeline.util.errors import RecipeError
 
 from conftest import BASE_RECIPE, TINY, merge, run_cli
 

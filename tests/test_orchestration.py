@@ -130,7 +130,7 @@ def test_kill_during_eval_then_run_finishes_it(policy_copy):
         "policies": ["sft"],
         "reference": "sft",
         "max_new_tokens": 24,
-        "checkers": {"gold_accuracy": "pipeline.tinytasks:answer_correct"},
+        "checkers": {"gold_accuracy": "pipeline.builtin.tasks:answer_correct"},
     }
     recipe = write(run_dir.parent, raw)
     proc = start_run(recipe, run_dir)

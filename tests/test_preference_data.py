@@ -18,7 +18,7 @@ from pipeline.data.preference import (
     pair_to_record,
 )
 from pipeline.data.sources import MAX_REPORTED, Rows, read_file
-from pipeline.errors import DataError, RecipeError
+from pipeline.util.errors import DataError, RecipeError
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 

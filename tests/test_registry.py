@@ -12,12 +12,14 @@ from typing import Any, ClassVar, Literal
 import pytest
 from pydantic import Field
 
-from pipeline import report, runner, stages
+from pipeline import stages
 from pipeline.config import DataSource, StageConfig, recipe_from_dict
-from pipeline.context import StageContext
 from pipeline.data.sources import read_source
-from pipeline.errors import RecipeError
-from pipeline.fileio import write_json_atomic
+from pipeline.observe import report
+from pipeline.run import runner
+from pipeline.run.context import StageContext
+from pipeline.util.errors import RecipeError
+from pipeline.util.files import write_json_atomic
 
 from conftest import BASE_RECIPE, REPO, merge
 

@@ -1,7 +1,7 @@
 """Offline replicas of real model families: the released conventions hold on the built artifact.
 
 Every check loads the built directory back with plain AutoTokenizer / AutoModelForCausalLM, as a user's
-checkpoint would be loaded. The expected values are the releases' (see pipeline/replicas.py FAMILIES).
+checkpoint would be loaded. The expected values are the releases' (see pipeline/builtin/replicas.py FAMILIES).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from pipeline import replicas
+from pipeline.builtin import replicas
 
 CONVERSATION = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "The answer is 5."}]
 
@@ -233,7 +233,7 @@ def test_builds_are_deterministic(tmp_path):
 def test_builtin_ids_resolve_and_unknown_ones_list_the_known():
     from pipeline import modeling
     from pipeline.config import ModelConfig
-    from pipeline.errors import PipelineError
+    from pipeline.util.errors import PipelineError
 
     assert modeling.resolve_name("builtin:replica-phi3").endswith(f"replica-phi3-{replicas.VERSION}")
     assert ModelConfig(name_or_path="builtin:replica-qwen2.5").name_or_path == "builtin:replica-qwen2.5"

@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import modeling, runner
+from pipeline import modeling
 from pipeline.config import load_recipe
 from pipeline.data.templates import alpaca_prompt
+from pipeline.run import runner
 
 from conftest import REPO, run_cli
 
@@ -109,7 +110,7 @@ def test_4bit_lora_reward_model_trains_head_and_adapter_only(make_recipe, tmp_pa
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in captured["model"].modules())
     # the saved adapter (+ head) reloads as a scorer and ranks held-out pairs as the stage measured
     ctx = runner.make_context(recipe, "reward", tmp_path / "run")
-    from pipeline.scoring import reward_scorer
+    from pipeline.rollout.scoring import reward_scorer
 
     scorer = reward_scorer(ctx, "reward")
     prompt = alpaca_prompt("What is the capital of the given country?", "France")
@@ -148,7 +149,7 @@ def test_reward_scorer_matches_how_the_trainer_tokenized_pairs(make_recipe, tmp_
     import datasets
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline.scoring import RewardModelScorer
+    from pipeline.rollout.scoring import RewardModelScorer
 
     tok = modeling.load_tokenizer(load_recipe(make_recipe()).model)
     model = modeling.load_base(load_recipe(make_recipe()).model, head="reward")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_recipe, recipe_from_dict
-from pipeline.errors import RecipeError
+from pipeline.util.errors import RecipeError
 
 from conftest import REPO
 

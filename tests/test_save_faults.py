@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import runner
-from pipeline.artifacts import Manifest
-from pipeline.checkpoints import checkpoint_problem, checkpoints, last_good_checkpoint
 from pipeline.config import load_recipe
-from pipeline.errors import DiskFull, PipelineError
+from pipeline.run import runner
+from pipeline.run.manifest import Manifest
+from pipeline.train.checkpoints import checkpoint_problem, checkpoints, last_good_checkpoint
+from pipeline.util.errors import DiskFull, PipelineError
 
 from conftest import run_cli
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline.selection import (
+from pipeline.rollout.selection import (
     checker_rates,
     degenerate_reason,
     group_candidates,
@@ -46,7 +46,7 @@ def pair_picks(pairs):
 
 
 def test_imports_without_torch():
-    code = "import pipeline.selection, sys; print('torch' in sys.modules or 'numpy' in sys.modules)"
+    code = "import pipeline.rollout.selection, sys; print('torch' in sys.modules or 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.stdout.strip() == "False", out.stderr
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import modeling, runner
+from pipeline import modeling
 from pipeline.config import load_recipe
+from pipeline.run import runner
 
 from conftest import SHARED_DATA, run_cli
 

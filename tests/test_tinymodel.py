@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline import tinymodel
+from pipeline.builtin import tiny_model
 
 
 def test_tiny_model_is_small_llama_with_trained_tokenizer(tiny_model_dir):
@@ -37,17 +37,17 @@ def test_chat_template_prompt_is_a_prefix_of_prompt_plus_completion(tiny_model_d
 
 
 def test_build_is_deterministic(tmp_path):
-    tinymodel.build(tmp_path / "a")
-    tinymodel.build(tmp_path / "b")
+    tiny_model.build(tmp_path / "a")
+    tiny_model.build(tmp_path / "b")
     for name in ("tokenizer.json", "model.safetensors", "config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert json.loads((tmp_path / "a" / "BUILD.json").read_text())["version"] == tinymodel.VERSION
+    assert json.loads((tmp_path / "a" / "BUILD.json").read_text())["version"] == tiny_model.VERSION
 
 
 def test_builtin_name_resolves_and_unknown_builtin_is_refused():
     from pipeline import modeling
-    from pipeline.errors import PipelineError
+    from pipeline.util.errors import PipelineError
 
-    assert modeling.resolve_name("builtin:tiny-llama").endswith(f"tiny-llama-{tinymodel.VERSION}")
+    assert modeling.resolve_name("builtin:tiny-llama").endswith(f"tiny-llama-{tiny_model.VERSION}")
     with pytest.raises(PipelineError, match="unknown built-in model 'builtin:gpt5'"):
         modeling.resolve_name("builtin:gpt5")

@@ -1,4 +1,4 @@
-"""Tests for pipeline.tinytasks (stdlib only, fast)."""
+"""Tests for pipeline.builtin.tasks (stdlib only, fast)."""
 
 import json
 import math
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tinytasks as tt
+from pipeline.builtin import tasks as tt
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "tiny"
 ROW = {"answer": "8"}

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from pipeline.config import load_recipe
-from pipeline.errors import PipelineError
-from pipeline.tracking import resolve_mode, tracked, unreachable
+from pipeline.observe.tracking import resolve_mode, tracked, unreachable
+from pipeline.util.errors import PipelineError
 
 from conftest import run_cli
 
@@ -148,8 +148,8 @@ def test_tensorboard_and_wandb_get_the_same_metrics_eval_table_and_plots(make_re
                     "max_new_tokens": 16,
                     "kl_samples": 1,
                     "checkers": {
-                        "preference_pass": "pipeline.tinytasks:preferred",
-                        "gold_accuracy": "pipeline.tinytasks:answer_correct",
+                        "preference_pass": "pipeline.builtin.tasks:preferred",
+                        "gold_accuracy": "pipeline.builtin.tasks:answer_correct",
                     },
                 }
             },

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import report, yields
-from pipeline.artifacts import Manifest
 from pipeline.config import load_recipe
-from pipeline.context import StageContext
-from pipeline.errors import DataError
+from pipeline.observe import report
+from pipeline.run.context import StageContext
+from pipeline.run.manifest import Manifest
+from pipeline.stages import keep_checks
+from pipeline.util.errors import DataError
 
 from conftest import TINY, run_cli
 
@@ -50,7 +51,7 @@ def bon_context(make_recipe, tmp_path, select: dict | None = None) -> StageConte
                         "prompts": {"path": str(TINY / "prompts_label.jsonl")},
                         "n": 1,
                         "max_new_tokens": 16,
-                        "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                        "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
                         "select": select or {},
                     }
                 }
@@ -108,8 +109,8 @@ def test_equal_scores_are_named_as_the_cause_of_few_pairs(make_recipe, tmp_path)
 
 
 def test_keep_warning_is_quiet_at_half_and_above():
-    assert yields.keep_warning("x", 5, 10, [(5, "cause")]) is None
-    assert yields.keep_warning("x", 4, 10, [(6, "cause"), (1, "other")]) == "x: kept 4 of 10 (40%); cause"
+    assert keep_checks.keep_warning("x", 5, 10, [(5, "cause")]) is None
+    assert keep_checks.keep_warning("x", 4, 10, [(6, "cause"), (1, "other")]) == "x: kept 4 of 10 (40%); cause"
 
 
 # -- training input checks -----------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def test_keep_warning_is_quiet_at_half_and_above():
 
 def pairs_run(make_recipe, tmp_path, pair_rows: int, kind: str = "dpo"):
     """A run directory where sft and label are done and label's pairs.jsonl holds ``pair_rows`` pairs."""
-    from pipeline.tinymodel import tiny_model_path
+    from pipeline.builtin.tiny_model import tiny_model_path
 
     link = {"policy_from": "sft"} if kind == "dpo" else {"base_from": "sft"}
     recipe_path = make_recipe(
@@ -127,7 +128,7 @@ def pairs_run(make_recipe, tmp_path, pair_rows: int, kind: str = "dpo"):
                     "kind": "bon",
                     "policy_from": "sft",
                     "prompts": {"path": str(TINY / "prompts_label.jsonl")},
-                    "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                    "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
                 },
                 kind: {
                     "kind": kind,
@@ -190,7 +191,7 @@ def no_model_loads(monkeypatch):
 def test_zero_pairs_from_upstream_fail_naming_the_stage_before_any_model_loads(
     make_recipe, tmp_path, monkeypatch, kind
 ):
-    from pipeline import runner
+    from pipeline.run import runner
     from pipeline.stages import dpo, reward
 
     _, recipe, run_dir = pairs_run(make_recipe, tmp_path, 0, kind)
@@ -205,7 +206,7 @@ def test_zero_pairs_from_upstream_fail_naming_the_stage_before_any_model_loads(
 
 
 def test_fewer_pairs_than_one_batch_fail_before_any_model_loads(make_recipe, tmp_path, monkeypatch):
-    from pipeline import runner
+    from pipeline.run import runner
     from pipeline.stages import dpo
 
     _, recipe, run_dir = pairs_run(make_recipe, tmp_path, 3)
@@ -220,7 +221,7 @@ def test_fewer_pairs_than_one_batch_fail_before_any_model_loads(make_recipe, tmp
 
 
 def test_sft_on_an_empty_best_of_n_output_fails_naming_it(make_recipe, tmp_path, monkeypatch):
-    from pipeline import runner
+    from pipeline.run import runner
     from pipeline.stages import sft
 
     recipe_path = make_recipe(
@@ -230,7 +231,7 @@ def test_sft_on_an_empty_best_of_n_output_fails_naming_it(make_recipe, tmp_path,
                     "kind": "bon",
                     "policy_from": "sft",
                     "prompts": {"path": str(TINY / "prompts_label.jsonl")},
-                    "scorer": {"checker": "pipeline.tinytasks:preferred"},
+                    "scorer": {"checker": "pipeline.builtin.tasks:preferred"},
                 },
                 "rs_sft": {"kind": "sft", "data": {"train": {"from_stage": "label"}}},
             }

@@ -24,7 +24,7 @@ from pipeline.config.schema import (
     map_sources,
     suggest,
 )
-from pipeline.errors import RecipeError
+from pipeline.util.errors import RecipeError
 
 # --------------------------------------------------------------------------------------------
 # Loading: YAML -> overrides -> validation -> cross-field rules

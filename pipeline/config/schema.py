@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.errors import RecipeError
+from pipeline.util.errors import RecipeError
 
 BUILTIN_TINY_MODEL = "builtin:tiny-llama"
 
@@ -75,7 +75,7 @@ class ModelConfig(Strict):
     @field_validator("name_or_path")
     @classmethod
     def _known_builtin(cls, value: str) -> str:
-        from pipeline.replicas import builtin_names  # torch-free
+        from pipeline.builtin.replicas import builtin_names  # torch-free
 
         known = [BUILTIN_TINY_MODEL, *builtin_names()]
         if value.startswith("builtin:") and value not in known:
@@ -399,7 +399,7 @@ def function_ref(ref: str) -> str:
     """Validates a ``module:function`` reference (checkers, reward functions)."""
     if not _FUNCTION_REF.match(ref):
         raise ValueError(
-            f"{ref!r} is not module:function, e.g. 'pipeline.tinytasks:preferred' or 'mychecks:is_correct'"
+            f"{ref!r} is not module:function, e.g. 'pipeline.builtin.tasks:preferred' or 'mychecks:is_correct'"
         )
     return ref
 

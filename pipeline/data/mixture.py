@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 T = TypeVar("T")
 

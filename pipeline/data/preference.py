@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.data.sources import MAX_REPORTED, RowProblem, Rows, extra_columns, holdout_split, require_columns
-from pipeline.errors import DataError, RecipeError
+from pipeline.util.errors import DataError, RecipeError
 
 ROLES = ("system", "user", "assistant")
 HH_MARKERS = ("\n\nHuman:", "\n\nAssistant:")  # (human, assistant) turn markers of Anthropic HH

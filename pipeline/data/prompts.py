@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.data.sources import MAX_REPORTED, read_source
 from pipeline.data.templates import render_prompt
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 PROMPT_COLUMNS = ("prompt", "text", "question")  # plain prompt files, e.g. {"question_id", "text", "category"}
 

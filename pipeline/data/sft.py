@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.data.sources import MAX_REPORTED, RowProblem, Rows, extra_columns, read_source, require_columns
 from pipeline.data.templates import render_prompt
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 REQUIRED = {
     "alpaca": ("instruction", "output"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 MAX_REPORTED = 10
 T = TypeVar("T")

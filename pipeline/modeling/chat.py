@@ -9,7 +9,7 @@ renders, counts and stops, so the sampler, the scorer and the data checks all ag
 
 from __future__ import annotations
 
-from pipeline.errors import PipelineError
+from pipeline.util.errors import PipelineError
 
 PROBE_REPLY = "PROBEREPLY"  # a reply whose rendering shows what the template writes after an assistant turn
 

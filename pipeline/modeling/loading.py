@@ -12,7 +12,7 @@ import torch
 
 from pipeline.compat import fix_cpu_4bit
 from pipeline.config.schema import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig
-from pipeline.errors import PipelineError
+from pipeline.util.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ class ModelRef:
 
 def resolve_name(name_or_path: str) -> str:
     if name_or_path == BUILTIN_TINY_MODEL:
-        from pipeline.tinymodel import tiny_model_path
+        from pipeline.builtin.tiny_model import tiny_model_path
 
         return str(tiny_model_path())
     if name_or_path.startswith("builtin:"):
-        from pipeline import replicas
+        from pipeline.builtin import replicas
 
         if replicas.family_of(name_or_path) is not None:
             return str(replicas.replica_path(name_or_path))
@@ -83,7 +83,7 @@ def cannot_load(what: str, source: str, exc: OSError) -> str:
         return f"cannot load the {what} of {source!r}: {exc}"
     if source.startswith(("/", "./", "../", "~")):  # a directory, not a Hub id
         return f"cannot load the {what} of {source!r}: no such directory (was it moved or deleted?)"
-    from pipeline.preflight import offline_advice
+    from pipeline.run.preflight import offline_advice
 
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return (

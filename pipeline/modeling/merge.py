@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config.schema import ModelConfig
-from pipeline.errors import PipelineError
 from pipeline.modeling.loading import ModelRef, base_path, load_base, load_tokenizer
+from pipeline.util.errors import PipelineError
 
 
 def merge_to_full(ref: ModelRef, cfg: ModelConfig, out_dir: Path) -> Path:

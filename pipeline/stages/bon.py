@@ -14,13 +14,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import selection, yields
 from pipeline.config.schema import POLICY, Sources, StageConfig, Strict, function_ref, function_refs
-from pipeline.context import StageContext
 from pipeline.data.prompts import PromptRecord, stage_prompts
-from pipeline.errors import PipelineError
-from pipeline.fileio import write_jsonl_atomic
-from pipeline.stages import StageKind, register
+from pipeline.rollout import selection
+from pipeline.run.context import StageContext
+from pipeline.stages import StageKind, keep_checks, register
+from pipeline.util.errors import PipelineError
+from pipeline.util.files import write_jsonl_atomic
 
 
 class ScorerConfig(Strict):
@@ -75,7 +75,7 @@ class BonStage(StageConfig):
 
 
 def run(ctx: StageContext[BonStage]) -> dict[str, Any]:
-    from pipeline.scoring import load_function
+    from pipeline.rollout.scoring import load_function
 
     cfg = ctx.cfg
     prompts, prompt_stats = stage_prompts(ctx, cfg.policy_from)
@@ -112,9 +112,9 @@ def sample_shards(
     """Generate, score and write each shard in ``todo``; (tokens generated, seconds spent generating).
     Only called when a shard is left, so a rerun with every shard finished loads no model."""
     from pipeline import modeling
-    from pipeline.console import stage_progress
-    from pipeline.sampling import ProgressBar, sample_candidates, score_candidates
-    from pipeline.scoring import build_scorer
+    from pipeline.rollout.sampling import ProgressBar, sample_candidates, score_candidates
+    from pipeline.rollout.scoring import build_scorer
+    from pipeline.util.console import stage_progress
 
     cfg, recipe = ctx.cfg, ctx.recipe
     scorer = build_scorer(cfg.scorer, ctx)
@@ -176,7 +176,7 @@ def finish(
         candidates, sel.top_k, sel.min_score, sel.keep_truncated
     )
     pairs, pair_stats = selection.select_pair_candidates(candidates, sel.min_margin, sel.keep_truncated)
-    warnings = yields.bon_warnings(
+    warnings = keep_checks.bon_warnings(
         ctx.name, ctx.cfg, len({c["prompt_id"] for c in best_candidates}), len(pairs), best_stats, pair_stats
     )
     if not best_candidates:
@@ -206,7 +206,7 @@ def finish(
     for name, check in checks.items():
         metrics[f"checks.{name}"] = selection.checker_rates(candidates, top1, check, sel.keep_truncated)
     ctx.say(_summary_line(ctx.name, metrics))
-    return yields.record(metrics, warnings, ctx.say)
+    return keep_checks.record(metrics, warnings, ctx.say)
 
 
 def _summary_line(name: str, m: dict[str, Any]) -> str:

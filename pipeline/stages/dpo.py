@@ -15,14 +15,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline import compat, yields
+from pipeline import compat
 from pipeline.config.schema import POLICY, PairsStageConfig, TrainConfig
-from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs, summary_line
-from pipeline.errors import PipelineError, RecipeError
-from pipeline.fileio import write_json_atomic
-from pipeline.stages import StageKind, register
-from pipeline.yields import pair_warnings
+from pipeline.run.context import StageContext
+from pipeline.stages import StageKind, keep_checks, register
+from pipeline.stages.keep_checks import pair_warnings
+from pipeline.util.errors import PipelineError, RecipeError
+from pipeline.util.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ TRAIN = {
 
 
 def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
-    from pipeline import training
+    from pipeline.train import training
 
     trainer, summary, setup = build_trainer(ctx)
     metrics = training.fit(trainer, ctx, base=ctx.model_of(ctx.cfg.policy_from).lineage_base())
@@ -93,7 +93,7 @@ def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
         train_pairs=summary["train"]["kept"],
         eval_pairs=summary["eval"]["kept"] if summary.get("eval") else 0,
     )
-    yields.record(metrics, pair_warnings(ctx.name, summary), ctx.say)
+    keep_checks.record(metrics, pair_warnings(ctx.name, summary), ctx.say)
     if ctx.is_main:
         series = margins_series(history)
         write_json_atomic(ctx.stage_dir / "margins.json", series)
@@ -102,7 +102,7 @@ def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
 
 
 def margins_plot(path, name: str, series: dict[str, list[dict]]):
-    from pipeline import plots
+    from pipeline.observe import plots
 
     lines = {
         label: ([p["step"] for p in points], [p["margin"] for p in points])
@@ -116,7 +116,8 @@ def build_trainer(ctx: StageContext[DPOStage]):
     """(DPOTrainer, data summary, modeling.DPOModels) for the stage ``ctx``."""
     from trl import DPOConfig
 
-    from pipeline import modeling, training
+    from pipeline import modeling
+    from pipeline.train import training
 
     cfg, recipe = ctx.cfg, ctx.recipe
     losses = check_losses(cfg, ctx.name)
@@ -188,10 +189,11 @@ def check_losses(cfg: DPOStage, stage: str) -> list[str]:
 
 def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     """Read, lint and split the pairs; save the summary; TRL-shaped datasets for train and eval."""
-    from pipeline import modeling, training
+    from pipeline import modeling
+    from pipeline.train import training
 
     data = ctx.cfg.data
-    yields.check_upstream_output(ctx, data.train, "preference pairs", "pairs")
+    keep_checks.check_upstream_output(ctx, data.train, "preference pairs", "pairs")
     train_records, eval_records, summary = prepare_pairs(
         ctx.resolve_source(data.train, "pairs"),
         ctx.resolve_source(data.eval, "pairs"),
@@ -203,7 +205,7 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(summary_line(ctx.name, summary))
-    yields.check_training_rows(
+    keep_checks.check_training_rows(
         ctx, data.train, len(train_records), "preference pairs", "pairs"
     )  # before the model loads
     if ctx.cfg.precompute_ref_log_probs:  # on disk, where TRL's reference log-prob cache can find it again

@@ -15,13 +15,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import plots, selection
 from pipeline.config.schema import POLICY, Sources, StageConfig, function_refs
-from pipeline.console import stage_progress
-from pipeline.context import StageContext
 from pipeline.data.prompts import stage_prompts
-from pipeline.fileio import write_json_atomic, write_jsonl_atomic
+from pipeline.observe import plots
+from pipeline.rollout import selection
+from pipeline.run.context import StageContext
 from pipeline.stages import StageKind, register
+from pipeline.util.console import stage_progress
+from pipeline.util.files import write_json_atomic, write_jsonl_atomic
 
 
 class EvalStage(StageConfig):
@@ -80,9 +81,10 @@ class EvalStage(StageConfig):
 
 
 def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
-    from pipeline import generation, modeling
-    from pipeline.report import policy_rows, text_table
-    from pipeline.scoring import load_function, reward_scorer
+    from pipeline import modeling
+    from pipeline.observe.report import policy_rows, text_table
+    from pipeline.rollout import generation
+    from pipeline.rollout.scoring import load_function, reward_scorer
 
     cfg, recipe = ctx.cfg, ctx.recipe
     if not ctx.is_main:  # evaluation is cheap next to training: one process does it
@@ -137,7 +139,7 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
 
 def _greedy(ctx: StageContext[EvalStage], model, reference, tokenizer, prompts, prompt_ids, checks, rm):
     """(metrics, responses, reward-model scores or None) of one policy's greedy responses."""
-    from pipeline import generation
+    from pipeline.rollout import generation
 
     cfg = ctx.cfg
     samples = generation.sample_responses(
@@ -207,7 +209,7 @@ def _response_metrics(prompts, texts: list[str], lengths: list[int], checks: dic
 
 def _kl_estimate(policy, reference, tokenizer, prompts, prompt_ids, cfg: EvalStage, seed: int) -> float:
     """KL(policy || reference) ~ mean over policy samples of log p_policy(y|x) - log p_ref(y|x)."""
-    from pipeline import generation
+    from pipeline.rollout import generation
 
     samples = generation.sample_responses(
         policy,
@@ -230,8 +232,8 @@ def _best_of_n(ctx: StageContext[EvalStage], prompts, checks, rm, loaded: dict):
     """Best-of-n as a policy: the bon stage's sampler and scorer on these prompts.
     ``loaded``: models already in memory by stage name (its policy is usually the reference)."""
     from pipeline import modeling
-    from pipeline.sampling import sample_candidates, score_candidates
-    from pipeline.scoring import build_scorer
+    from pipeline.rollout.sampling import sample_candidates, score_candidates
+    from pipeline.rollout.scoring import build_scorer
 
     bon = ctx.recipe.stages[ctx.cfg.bon_from]
 

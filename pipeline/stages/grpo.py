@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.config.schema import POLICY, Sources, StageConfig, Strict, TrainConfig, function_ref
-from pipeline.context import StageContext
-from pipeline.errors import PipelineError
+from pipeline.run.context import StageContext
 from pipeline.stages import StageKind, register
+from pipeline.util.errors import PipelineError
 
 
 class CheckerReward(Strict):
@@ -54,19 +54,21 @@ class GRPOStage(StageConfig):
 
 
 def run(ctx: StageContext[GRPOStage]) -> dict[str, Any]:
-    from pipeline import training, yields
+    from pipeline.stages import keep_checks
+    from pipeline.train import training
 
     trainer, prompt_count = build_trainer(ctx)
     metrics = training.fit(trainer, ctx, base=ctx.model_of(ctx.cfg.policy_from).lineage_base())
     metrics.update(reward_metrics(trainer.state.log_history, ctx.cfg), train_prompts=prompt_count)
-    return yields.record(metrics, [], ctx.say)
+    return keep_checks.record(metrics, [], ctx.say)
 
 
 def build_trainer(ctx: StageContext[GRPOStage]):
     from trl import GRPOConfig, GRPOTrainer
 
-    from pipeline import modeling, training
+    from pipeline import modeling
     from pipeline.data.prompts import stage_prompts
+    from pipeline.train import training
 
     cfg, recipe = ctx.cfg, ctx.recipe
     policy = ctx.model_of(cfg.policy_from)
@@ -99,7 +101,7 @@ def build_trainer(ctx: StageContext[GRPOStage]):
 
 def reward_functions(ctx: StageContext[GRPOStage], rows: dict[str, dict]):
     """(reward functions as TRL calls them, their weights): every checker, then the reward model if any."""
-    from pipeline.scoring import CheckerScorer, load_function, reward_scorer
+    from pipeline.rollout.scoring import CheckerScorer, load_function, reward_scorer
 
     cfg = ctx.cfg
     scorers, weights = [], []

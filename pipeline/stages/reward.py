@@ -12,13 +12,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline import compat, plots, yields
+from pipeline import compat
 from pipeline.config.schema import POLICY, PairsStageConfig, TrainConfig
-from pipeline.context import StageContext
 from pipeline.data.preference import prepare_pairs, summary_line
-from pipeline.errors import GateFailed
-from pipeline.fileio import write_json_atomic
-from pipeline.stages import StageKind, register
+from pipeline.observe import plots
+from pipeline.run.context import StageContext
+from pipeline.stages import StageKind, keep_checks, register
+from pipeline.util.errors import GateFailed
+from pipeline.util.files import write_json_atomic
 
 
 class RewardStage(PairsStageConfig):
@@ -36,16 +37,16 @@ class RewardStage(PairsStageConfig):
 
 
 def run(ctx: StageContext[RewardStage]) -> dict[str, Any]:
-    from pipeline import training
+    from pipeline.train import training
 
     trainer, tokenizer, held, base, summary = build_trainer(ctx)
     metrics = training.fit(trainer, ctx, base=base)
     if held:
-        from pipeline.scoring import RewardModelScorer
+        from pipeline.rollout.scoring import RewardModelScorer
 
         scorer = RewardModelScorer(trainer.model, tokenizer, "reward model", max_length=ctx.cfg.data.max_length)
         metrics.update(evaluate_pairs(scorer, tokenizer, held, ctx))
-    yields.record(metrics, yields.pair_warnings(ctx.name, summary), ctx.say)
+    keep_checks.record(metrics, keep_checks.pair_warnings(ctx.name, summary), ctx.say)
     check_gate(ctx.cfg.min_accuracy, metrics)
     return metrics
 
@@ -54,12 +55,13 @@ def build_trainer(ctx: StageContext[RewardStage]):
     """(RewardTrainer, tokenizer, held-out pairs, the base a new adapter belongs to, data summary)."""
     from trl import RewardConfig, RewardTrainer
 
-    from pipeline import modeling, training
+    from pipeline import modeling
+    from pipeline.train import training
 
     cfg, recipe = ctx.cfg, ctx.recipe
     init = ctx.model_of(cfg.base_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=init.path if init else None)
-    yields.check_upstream_output(ctx, cfg.data.train, "preference pairs", "pairs")
+    keep_checks.check_upstream_output(ctx, cfg.data.train, "preference pairs", "pairs")
     train, held, summary = prepare_pairs(
         ctx.resolve_source(cfg.data.train, "pairs"),
         ctx.resolve_source(cfg.data.eval, "pairs"),
@@ -70,7 +72,9 @@ def build_trainer(ctx: StageContext[RewardStage]):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(summary_line(ctx.name, summary))
-    yields.check_training_rows(ctx, cfg.data.train, len(train), "preference pairs", "pairs")  # before the model loads
+    keep_checks.check_training_rows(
+        ctx, cfg.data.train, len(train), "preference pairs", "pairs"
+    )  # before the model loads
     quantized = recipe.model.quantization != "none"
     args = training.trl_args(
         RewardConfig,

@@ -6,14 +6,14 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline import compat, yields
+from pipeline import compat
 from pipeline.config.schema import POLICY, SFTDataConfig, StageConfig, TrainConfig, as_mixture
-from pipeline.context import StageContext
 from pipeline.data.mixture import Part, mix, summary_lines
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples, merge_reports
 from pipeline.data.sources import holdout_split
-from pipeline.fileio import write_json_atomic
-from pipeline.stages import StageKind, register
+from pipeline.run.context import StageContext
+from pipeline.stages import StageKind, keep_checks, register
+from pipeline.util.files import write_json_atomic
 
 
 class SFTStage(StageConfig):
@@ -35,19 +35,20 @@ class SFTStage(StageConfig):
 
 
 def run(ctx: StageContext[SFTStage]) -> dict[str, Any]:
-    from pipeline import training
+    from pipeline.train import training
 
     trainer, summary = build_trainer(ctx)
     init = ctx.model_of(ctx.cfg.init_from)
     metrics = training.fit(trainer, ctx, base=init.lineage_base() if init else None)
     metrics.update(train_rows=summary["train_rows"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
-    return yields.record(metrics, yields.sft_warnings(ctx.name, summary), ctx.say)
+    return keep_checks.record(metrics, keep_checks.sft_warnings(ctx.name, summary), ctx.say)
 
 
 def build_trainer(ctx: StageContext[SFTStage]):
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline import modeling, training
+    from pipeline import modeling
+    from pipeline.train import training
 
     cfg, recipe = ctx.cfg, ctx.recipe
     init = ctx.model_of(cfg.init_from)
@@ -70,10 +71,10 @@ def build_trainer(ctx: StageContext[SFTStage]):
 
 def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     """Validate, render, apply the length policy per source, mix; save and print the data summary."""
-    from pipeline.training import to_dataset
+    from pipeline.train.training import to_dataset
 
     data = ctx.cfg.data
-    yields.check_upstream_output(ctx, data.train, "training rows", "best")
+    keep_checks.check_upstream_output(ctx, data.train, "training rows", "best")
     train_mix, eval_source = as_mixture(ctx.resolve_source(data.train)), ctx.resolve_source(data.eval)
     count = token_counter(tokenizer, data.template)
     parts, reports, formats = [], [], []
@@ -106,7 +107,7 @@ def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
         ctx.say(format_summary(summary))
-    yields.check_training_rows(ctx, data.train, len(train), "training rows", "best")  # before the model loads
+    keep_checks.check_training_rows(ctx, data.train, len(train), "training rows", "best")  # before the model loads
     return to_dataset([ex.as_record() for ex in train]), to_dataset([ex.as_record() for ex in evals]), summary
 
 
@@ -125,8 +126,8 @@ def recipe_model_name(ctx) -> str:
 
 def check_conversations(tokenizer, model_name: str, parts) -> None:
     """The tokenizer has a chat template, and every conversation renders with it and keeps its prompt when
-    the reply follows (see pipeline.data.chat_checks)."""
-    from pipeline.data.chat_checks import check_chat_examples
+    the reply follows (see pipeline.data.chat_fit)."""
+    from pipeline.data.chat_fit import check_chat_examples
     from pipeline.modeling.chat import require_chat_template
 
     require_chat_template(tokenizer, model_name)

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import Recipe
-from pipeline.errors import PipelineError
+from pipeline.util.errors import PipelineError
 
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
 PROBE_TIMEOUT_S = 3.0
@@ -179,7 +179,7 @@ def flat_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def stage_results(metrics: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
     """What every tracker gets when a stage ends: scalars, tables (header + rows) and images (PNG paths)."""
-    from pipeline.report import policy_rows
+    from pipeline.observe.report import policy_rows
 
     tables = {}
     if isinstance(metrics.get("policies"), dict):  # an eval stage: the held-out table
@@ -204,7 +204,7 @@ def _to_tensorboard(log_dir: str, results: dict[str, Any], step: int) -> None:
     import matplotlib.image
     from torch.utils.tensorboard import SummaryWriter
 
-    from pipeline.report import markdown_table
+    from pipeline.observe.report import markdown_table
 
     writer = SummaryWriter(log_dir=log_dir)
     try:

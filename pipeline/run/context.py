@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pipeline.artifacts import Manifest
 from pipeline.config.schema import DataSource, Mixture, Recipe, StageConfig
-from pipeline.errors import PipelineError
+from pipeline.run.manifest import Manifest
+from pipeline.util.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.modeling import ModelRef

@@ -53,7 +53,7 @@ def quiet_early() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if verbose():
         return
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the libraries' own bars; ours are pipeline.console.Progress
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the libraries' own bars; ours are pipeline.util.console.Progress
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WANDB_CONSOLE", "off")  # W&B would otherwise mirror every printed line
     for category in (FutureWarning, DeprecationWarning):

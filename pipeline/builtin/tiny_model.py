@@ -61,11 +61,11 @@ def tiny_model_path() -> Path:
 
 
 def _corpus() -> list[str]:
-    from pipeline import tinytasks
+    from pipeline.builtin import tasks
 
     texts = [ALPACA_PROMPT_WITH_INPUT, ALPACA_PROMPT_NO_INPUT]
     for style_seed in (0, 1):
-        for row in tinytasks.generate_rows(3000, seed=100 + style_seed, styled=True):
+        for row in tasks.generate_rows(3000, seed=100 + style_seed, styled=True):
             texts.append(render_prompt(row, "alpaca") + row["output"])
     return texts
 

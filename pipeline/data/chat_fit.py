@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from pipeline.data.sources import MAX_REPORTED
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 Render = Callable[[list, bool], str]
 

@@ -105,7 +105,7 @@ def offline_advice(name: str, what: str = "model") -> str:
 def hub_model_problem(recipe: Recipe) -> str | None:
     """The recipe's model is a Hub id that is not in the local cache and the Hub cannot be reached: say so now,
     not after a minute of download retries inside the first stage. A short TCP probe; nothing is downloaded."""
-    from pipeline.tracking import unreachable
+    from pipeline.observe.tracking import unreachable
 
     name = recipe.model.name_or_path
     if name.startswith("builtin:") or Path(name).exists() or name.startswith((".", "/")):
@@ -148,7 +148,7 @@ def hub_data_problem(recipe: Recipe, stages: list[str]) -> str | None:
     """Hub datasets of these stages that are not cached while the Hub cannot be reached: say so before any stage
     starts, naming each one, instead of a stage failing after download retries. A short TCP probe."""
     from pipeline.config.schema import iter_sources
-    from pipeline.tracking import unreachable
+    from pipeline.observe.tracking import unreachable
 
     wanted = [
         (f"stages.{name}.{where}", source.hub)
@@ -174,7 +174,7 @@ def data_problems(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
 
     Outputs of earlier stages and Hub datasets are checked by the stage that reads them. No torch: token
     lengths are left to the stage."""
-    from pipeline.errors import PipelineError
+    from pipeline.util.errors import PipelineError
 
     problems = []
     for name in stages or list(recipe.stages):

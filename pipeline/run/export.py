@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from pipeline import stages
-from pipeline.artifacts import MANIFEST, Manifest, now
-from pipeline.errors import PipelineError
-from pipeline.fileio import write_json_atomic
+from pipeline.run.manifest import MANIFEST, Manifest, now
+from pipeline.util.errors import PipelineError
+from pipeline.util.files import write_json_atomic
 
 
 def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 
 @dataclass
@@ -36,7 +36,7 @@ def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
             try:
                 ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
             except Exception as exc:
-                from pipeline.data.chat_checks import FIX_STRICT, is_template_error
+                from pipeline.data.chat_fit import FIX_STRICT, is_template_error
 
                 if not is_template_error(exc):
                     raise

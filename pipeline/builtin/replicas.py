@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import replica_templates as templates
+from pipeline.builtin import replica_templates as templates
 
 VERSION = "v1"
 PREFIX = "builtin:replica-"
@@ -363,7 +363,7 @@ def family_of(name_or_path: str) -> Family | None:
 
 def replica_path(name_or_path: str) -> Path:
     """Directory of a built replica; builds it on first use (safe if several processes race)."""
-    from pipeline.tinymodel import cache_root
+    from pipeline.builtin.tiny_model import cache_root
 
     family = family_of(name_or_path)
     if family is None:
@@ -412,7 +412,7 @@ def build(family: Family, out_dir: Path) -> None:
 
 
 def _corpus() -> list[str]:
-    from pipeline.tinymodel import _corpus as tiny_corpus
+    from pipeline.builtin.tiny_model import _corpus as tiny_corpus
 
     return tiny_corpus()  # the tiny model's: Alpaca templates + task rows, deterministic
 

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.util.errors import PipelineError
 
 LOCK_NAME = ".lock"
 TOKEN_ENV = "PIPELINE_RUN_LOCK"

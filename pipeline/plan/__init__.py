@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BUILTIN_TINY_MODEL, Recipe, apply_override, recipe_from_dict
-from pipeline.errors import PipelineError
+from pipeline.util.errors import PipelineError
 
 GIB = 1024**3
 MIB = 1024**2
@@ -162,7 +162,7 @@ class ModelShape:
 
 def config_source(name_or_path: str) -> str:
     if name_or_path == BUILTIN_TINY_MODEL:
-        from pipeline.tinymodel import tiny_model_path
+        from pipeline.builtin.tiny_model import tiny_model_path
 
         return str(tiny_model_path())
     if name_or_path.startswith("builtin:"):

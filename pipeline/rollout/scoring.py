@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from pipeline.console import Progress
-from pipeline.errors import PipelineError
+from pipeline.util.console import Progress
+from pipeline.util.errors import PipelineError
 
 
 class Scorer(Protocol):

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.schema import Recipe, iter_sources
-from pipeline.errors import PipelineError
-from pipeline.fileio import write_json_atomic, write_text_atomic
+from pipeline.util.errors import PipelineError
+from pipeline.util.files import write_json_atomic, write_text_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_BACKUP = "manifest.json.bak"  # the previous version, for when the manifest is damaged from outside

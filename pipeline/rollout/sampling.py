@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from pipeline import generation
 from pipeline.data.prompts import PromptRecord
+from pipeline.rollout import generation
 
 
 class SamplingSettings(Protocol):
@@ -62,7 +62,7 @@ def score_candidates(candidates: list[dict[str, Any]], scorer) -> list[dict[str,
 
 
 class ProgressBar:
-    """Sampling progress over prompts across shards, with tokens/s (``progress``: a pipeline.console.Progress)."""
+    """Sampling progress over prompts across shards, with tokens/s (``progress``: a pipeline.util.console.Progress)."""
 
     def __init__(self, progress):
         self.progress, self.before_shard, self.shard_done = progress, 0, 0

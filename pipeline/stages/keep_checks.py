@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
+from pipeline.util.errors import DataError
 
 MIN_KEPT_SHARE = 0.5
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from pipeline.errors import RecipeError
+from pipeline.util.errors import RecipeError
 
 
 def resolve(requested: str, packable: bool, cuda: bool) -> str:

@@ -16,9 +16,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
-from pipeline import batching, checkpoints, compat, console, modeling
-from pipeline.errors import RecipeError
-from pipeline.fileio import write_json_atomic
+from pipeline import compat, modeling
+from pipeline.train import batching, checkpoints
+from pipeline.util import console
+from pipeline.util.errors import RecipeError
+from pipeline.util.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ def replace_dir(src: Path, dest: Path) -> None:
 
 
 def resume_point(ctx, ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint: the main process sets damaged ones aside (see pipeline.checkpoints),
+    """The newest complete checkpoint: the main process sets damaged ones aside (see pipeline.train.checkpoints),
     then every rank picks the same newest one."""
     if ctx.is_main:
         checkpoints.last_good_checkpoint(ckpt_dir, warn=lambda message: ctx.say(f"[{ctx.name}] warning: {message}"))

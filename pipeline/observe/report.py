@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import stages
-from pipeline.fileio import write_text_atomic
+from pipeline.util.files import write_text_atomic
 
 
 def _key_metrics(kind: str) -> tuple[str, ...]:

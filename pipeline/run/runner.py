@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import console, stages
-from pipeline.artifacts import Manifest, git_commit, now, package_versions, stage_hash
+from pipeline import stages
 from pipeline.config.schema import Recipe
-from pipeline.context import StageContext, not_done
-from pipeline.errors import DiskFull, GateFailed, PipelineError
-from pipeline.fileio import write_json_atomic, write_text_atomic
+from pipeline.run.context import StageContext, not_done
+from pipeline.run.manifest import Manifest, git_commit, now, package_versions, stage_hash
+from pipeline.util import console
+from pipeline.util.errors import DiskFull, GateFailed, PipelineError
+from pipeline.util.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     if ctx.is_main:
         _record_start(ctx, manifest, upstream, state)
     state.wait_for_everyone()
-    from pipeline.tracking import log_results, tracked
+    from pipeline.observe.tracking import log_results, tracked
 
     try:
         try:
