@@ -9,8 +9,9 @@ import time
 import pytest
 
 from pipeline.config import load_recipe
-from pipeline.observe.tracking import resolve_mode, tracked, unreachable
+from pipeline.observe.tracking import resolve_mode, tracked
 from pipeline.util.errors import PipelineError
+from pipeline.util.network import unreachable
 
 from conftest import run_cli
 

@@ -22,9 +22,9 @@ from pipeline.config.schema import (
     StageConfig,
     iter_sources,
     map_sources,
-    suggest,
 )
 from pipeline.util.errors import RecipeError
+from pipeline.util.text import suggest
 
 # --------------------------------------------------------------------------------------------
 # Loading: YAML -> overrides -> validation -> cross-field rules

@@ -8,7 +8,6 @@ This module must stay importable without torch.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from pydantic import (
 )
 
 from pipeline.util.errors import RecipeError
+from pipeline.util.text import suggest
 
 BUILTIN_TINY_MODEL = "builtin:tiny-llama"
 
@@ -499,9 +499,3 @@ def map_sources(node: Any, fn: Callable[[DataSource], DataSource]) -> Any:
         new_list = [map_sources(v, fn) for v in node]
         return type(node)(new_list) if any(a is not b for a, b in zip(new_list, node)) else node
     return node
-
-
-def suggest(word: str, choices: Any) -> str:
-    """' (did you mean X?)' for the closest valid name, or ''."""
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

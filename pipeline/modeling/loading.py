@@ -83,7 +83,7 @@ def cannot_load(what: str, source: str, exc: OSError) -> str:
         return f"cannot load the {what} of {source!r}: {exc}"
     if source.startswith(("/", "./", "../", "~")):  # a directory, not a Hub id
         return f"cannot load the {what} of {source!r}: no such directory (was it moved or deleted?)"
-    from pipeline.run.preflight import offline_advice
+    from pipeline.util.network import offline_advice
 
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return (

@@ -14,18 +14,15 @@ from __future__ import annotations
 import contextlib
 import netrc
 import os
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pipeline.config import Recipe
 from pipeline.util.errors import PipelineError
+from pipeline.util.network import unreachable
 
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
-PROBE_TIMEOUT_S = 3.0
 INIT_TIMEOUT_S = 30.0  # wandb.init waits 90 s by default, then retries
 
 
@@ -54,27 +51,6 @@ def wandb_mode(recipe: Recipe) -> str:
 
 def wandb_url() -> str:
     return os.environ.get("WANDB_BASE_URL") or DEFAULT_WANDB_URL
-
-
-def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why the server at ``url`` cannot be reached within ``timeout`` seconds; None when a TCP connection opens.
-
-    Run in a thread because name resolution has no timeout of its own."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    outcome: list[str | None] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append(None)
-        except OSError as exc:
-            outcome.append(exc.strerror or str(exc) or type(exc).__name__)
-
-    worker = threading.Thread(target=connect, daemon=True)
-    worker.start()
-    worker.join(timeout + 0.5)
-    return outcome[0] if outcome else f"no answer within {timeout:.0f} s"
 
 
 def online_refused(url: str, reason: str) -> PipelineError:

@@ -23,7 +23,6 @@ torch and transformers are imported only inside the functions that need them.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 import re
@@ -34,6 +33,7 @@ from typing import Any
 
 from pipeline.config import BUILTIN_TINY_MODEL, Recipe, apply_override, recipe_from_dict
 from pipeline.util.errors import PipelineError
+from pipeline.util.text import suggest
 
 GIB = 1024**3
 MIB = 1024**2
@@ -94,9 +94,9 @@ OPTIMIZERS: dict[str, Optim] = {
 
 def optim_spec(name: str) -> Optim:
     if name not in OPTIMIZERS:
-        close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise PipelineError(f"train.optim: unknown optimizer {name!r}{hint}; plan knows: {', '.join(OPTIMIZERS)}")
+        raise PipelineError(
+            f"train.optim: unknown optimizer {name!r}{suggest(name, OPTIMIZERS)}; plan knows: {', '.join(OPTIMIZERS)}"
+        )
     return OPTIMIZERS[name]
 
 
@@ -911,7 +911,7 @@ def candidate_changes(recipe: Recipe, name: str, dist: Distribution) -> list[tup
     return out
 
 
-def suggest(
+def suggest_changes(
     recipe: Recipe, name: str, plan: StagePlan, dist: Distribution, prompt_tokens: int | None
 ) -> list[dict[str, Any]]:
     """Each change re-planned; when none fits alone, all of them together."""
@@ -964,7 +964,7 @@ def plan_recipe(
     for name in stages or list(recipe.stages):
         plan = plan_stage(recipe, name, gpu_memory, dist, prompt_tokens)
         if with_suggestions and plan.fits is False:
-            plan.suggestions = suggest(recipe, name, plan, dist, prompt_tokens)
+            plan.suggestions = suggest_changes(recipe, name, plan, dist, prompt_tokens)
         plans[name] = plan
     return plans
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from pipeline.config.schema import Recipe, source_list
+from pipeline.util.network import HUB_URL, hub_offline, offline_advice, unreachable
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -87,32 +88,15 @@ def _cached_hub_files(repo_id: str, revision: str | None) -> dict[str, Path] | N
     return found
 
 
-HUB_URL = "https://huggingface.co"
-
-
-def offline_advice(name: str, what: str = "model") -> str:
-    if what == "model":
-        return (
-            f"To run offline: set model.name_or_path to a local directory, or download it once where there is a "
-            f"network (huggingface-cli download {name}) and run with HF_HUB_OFFLINE=1 to use the cache"
-        )
-    return (
-        "To run offline: download the data and use 'path:' in the recipe, or load it once where there is a network "
-        "and run with HF_HUB_OFFLINE=1 to use the datasets cache"
-    )
-
-
 def hub_model_problem(recipe: Recipe) -> str | None:
     """The recipe's model is a Hub id that is not in the local cache and the Hub cannot be reached: say so now,
     not after a minute of download retries inside the first stage. A short TCP probe; nothing is downloaded."""
-    from pipeline.observe.tracking import unreachable
-
     name = recipe.model.name_or_path
     if name.startswith("builtin:") or Path(name).exists() or name.startswith((".", "/")):
         return None
     if _cached_hub_files(name, recipe.model.revision) is not None:
         return None
-    if _hub_offline():
+    if hub_offline():
         return (
             f"model.name_or_path: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
             + offline_advice(name)
@@ -125,10 +109,6 @@ def hub_model_problem(recipe: Recipe) -> str | None:
         f"model.name_or_path: {name} is not in the local Hugging Face cache and the Hub ({endpoint}) cannot be "
         f"reached ({reason}). " + offline_advice(name)
     )
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def _cached_hub_dataset(repo_id: str) -> bool:
@@ -148,7 +128,6 @@ def hub_data_problem(recipe: Recipe, stages: list[str]) -> str | None:
     """Hub datasets of these stages that are not cached while the Hub cannot be reached: say so before any stage
     starts, naming each one, instead of a stage failing after download retries. A short TCP probe."""
     from pipeline.config.schema import iter_sources
-    from pipeline.observe.tracking import unreachable
 
     wanted = [
         (f"stages.{name}.{where}", source.hub)
@@ -156,7 +135,7 @@ def hub_data_problem(recipe: Recipe, stages: list[str]) -> str | None:
         for where, source in iter_sources(recipe.stages[name])
         if source.hub and not _cached_hub_dataset(source.hub)
     ]
-    if not wanted or _hub_offline():  # offline: datasets reads its cache or fails at once, naming the dataset
+    if not wanted or hub_offline():  # offline: datasets reads its cache or fails at once, naming the dataset
         return None
     endpoint = os.environ.get("HF_ENDPOINT") or HUB_URL
     reason = unreachable(endpoint)

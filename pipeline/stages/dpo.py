@@ -23,6 +23,7 @@ from pipeline.stages import StageKind, keep_checks, register
 from pipeline.stages.keep_checks import pair_warnings
 from pipeline.util.errors import PipelineError, RecipeError
 from pipeline.util.files import write_json_atomic
+from pipeline.util.text import suggest
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,7 @@ def check_losses(cfg: DPOStage, stage: str) -> list[str]:
     known = compat.dpo_loss_names()
     unknown = [name for name in losses if known and name not in known]
     if unknown:
-        import difflib
-
-        hints = [
-            f"{name!r}"
-            + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(name, known, n=1)) else "")
-            for name in unknown
-        ]
+        hints = [f"{name!r}{suggest(name, known)}" for name in unknown]
         raise RecipeError(
             f"stages.{stage}.loss_type: unknown DPO loss {', '.join(hints)}; TRL's DPO losses: {', '.join(known)}"
         )

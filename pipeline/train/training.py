@@ -6,7 +6,6 @@ The only module where TRL/transformers training-argument names appear.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.train import batching, checkpoints
 from pipeline.util import console
 from pipeline.util.errors import RecipeError
 from pipeline.util.files import write_json_atomic
+from pipeline.util.text import suggest
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,8 @@ def _checked_extra(config_cls, extra: dict[str, Any], stage: str) -> dict[str, A
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for key in extra:
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(
-                f"stages.{stage}.train.trainer_extra.{key}: not a field of TRL's {config_cls.__name__}{hint}"
+                f"stages.{stage}.train.trainer_extra.{key}: not a field of TRL's {config_cls.__name__}{suggest(key, fields)}"
             )
     return dict(extra)
 
