@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import pytest
 from pydantic import Field
 
-from pipeline import stages
+from pipeline.config import registry
 from pipeline.config import DataSource, StageConfig, recipe_from_dict
 from pipeline.data.sources import read_source
 from pipeline.observe import report
@@ -27,7 +27,6 @@ from conftest import BASE_RECIPE, REPO, merge
 class WordCountStage(StageConfig):
     """Counts the words of a text column of an earlier stage's data or a file."""
 
-    KIND: ClassVar[str] = "wordcount"
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"after": ("sft",)}
 
     kind: Literal["wordcount"] = "wordcount"
@@ -46,13 +45,13 @@ def run_wordcount(ctx: StageContext[WordCountStage]) -> dict[str, Any]:
 
 @pytest.fixture
 def wordcount_kind():
-    kind = stages.register(
-        stages.StageKind(
+    kind = registry.register(
+        registry.StageKind(
             name="wordcount", config=WordCountStage, run=run_wordcount, outputs=("counts",), key_metrics=("words",)
         )
     )
     yield kind
-    stages.unregister("wordcount")
+    registry.unregister("wordcount")
 
 
 def _recipe(tmp_path: Path, body: dict) -> dict:
@@ -97,12 +96,12 @@ def test_unknown_kind_lists_the_registered_ones(wordcount_kind, tmp_path):
 
 def test_registering_a_config_whose_kind_does_not_match_is_refused():
     with pytest.raises(ValueError, match="kind default 'wordcount'"):
-        stages.register(stages.StageKind(name="other", config=WordCountStage, run=run_wordcount))
+        registry.register(registry.StageKind(name="other", config=WordCountStage, run=run_wordcount))
 
 
 def test_builtin_kinds_come_from_their_modules_only():
     """No second table of kinds: every built-in kind is registered by the module named after it."""
-    found = stages.kinds()
+    found = registry.kinds()
     for name in ("sft", "bon", "reward", "dpo", "eval"):
         assert found[name].config.__module__ == f"pipeline.stages.{name}"
         assert found[name].run.__module__ == f"pipeline.stages.{name}"

@@ -13,9 +13,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.config import registry
 from pipeline.config.rounds import expand_rounds
 from pipeline.config.schema import (
-    POLICY,
     SOURCE_TAGS,
     DataSource,
     Recipe,
@@ -75,6 +75,7 @@ def recipe_from_dict(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     where = f"{source}: " if source else ""
     errors: list[str] = []
 
+    _load_plugins(raw.get("plugins"), errors)
     stages_raw = raw.pop("stages", None)
     if not isinstance(stages_raw, dict) or not stages_raw:
         errors.append("stages: required; a mapping of stage name -> settings, e.g. stages: {sft: {kind: sft, ...}}")
@@ -103,10 +104,22 @@ def recipe_from_dict(raw: dict[str, Any], source: Path | None = None) -> Recipe:
     return _resolve_paths(recipe, base_dir)
 
 
-def _validate_stage(name: str, body: Any, errors: list[str]) -> StageConfig | None:
-    from pipeline.stages import kinds
+def _load_plugins(plugins: Any, errors: list[str]) -> None:
+    """Import the recipe's ``plugins:`` modules (they register stage kinds) before its stages are validated."""
+    if plugins is None:
+        return
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p.strip() for p in plugins):
+        errors.append("plugins: a list of importable module names, e.g. plugins: [my_package.stages]")
+        return
+    for i, module in enumerate(plugins):
+        try:
+            registry.load_plugin(module, f"plugins[{i}]")
+        except RecipeError as exc:
+            errors.append(str(exc))
 
-    known = kinds()
+
+def _validate_stage(name: str, body: Any, errors: list[str]) -> StageConfig | None:
+    known = registry.kinds()
     loc = f"stages.{name}"
     if not isinstance(body, dict):
         errors.append(f"{loc}: must be a mapping of settings, got {type(body).__name__}")
@@ -139,7 +152,8 @@ def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
             if target in reported:
                 continue
             reported.add(target)
-            allowed = _expand(stage.FROM_FIELDS[field.split("[")[0]])
+            wanted = stage.FROM_FIELDS[field.split("[")[0]]
+            allowed = tuple(dict.fromkeys(k for w in wanted for k in registry.capable(w)))
             loc = f"stages.{name}.{field}"
             if target not in recipe.stages:
                 errors.append(f"{loc}: no stage named {target!r}{suggest(target, names)}; stages: {', '.join(names)}")
@@ -149,18 +163,10 @@ def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
                 errors.append(
                     f"{loc}: stage {target!r} is a {recipe.stages[target].kind!r} stage; "
                     f"{field} takes the output of a stage of kind {' or '.join(map(repr, allowed))}"
-                    + (" (any stage that trains a policy)" if POLICY in stage.FROM_FIELDS[field.split("[")[0]] else "")
+                    + "".join(
+                        f" ({registry.describe_capability(w)})" for w in wanted if registry.describe_capability(w)
+                    )
                 )
-
-
-def _expand(allowed: tuple[str, ...]) -> tuple[str, ...]:
-    """POLICY -> every registered kind whose model output is a policy (causal LM head)."""
-    if POLICY not in allowed:
-        return allowed
-    from pipeline.stages import kinds
-
-    policies = tuple(name for name, kind in kinds().items() if kind.model_head == "causal_lm")
-    return tuple(dict.fromkeys([k for k in allowed if k != POLICY] + list(policies)))
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:

@@ -30,6 +30,8 @@ import fnmatch
 import re
 from typing import Any
 
+from pipeline.config import registry
+
 POLICY_PLACEHOLDER = "$policy"
 
 
@@ -84,15 +86,11 @@ def _expand_group(group: str, body: dict[str, Any], errors: list[str]) -> dict[s
 
 
 def _kind_names() -> set[str]:
-    from pipeline.stages import kinds
-
-    return set(kinds())
+    return set(registry.kinds())
 
 
 def _last_policy_stage(members: dict[str, Any]) -> str | None:
-    from pipeline.stages import kinds
-
-    policy_kinds = {name for name, kind in kinds().items() if kind.model_head == "causal_lm"}
+    policy_kinds = set(registry.capable(registry.POLICY))
     found = [m for m, b in members.items() if (b.get("kind") or m) in policy_kinds]
     return found[-1] if found else None
 

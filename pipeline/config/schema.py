@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.config.registry import PAIRS
 from pipeline.util.errors import RecipeError
 from pipeline.util.text import suggest
 
@@ -323,15 +324,10 @@ class TrainConfig(Strict):
 # --------------------------------------------------------------------------------------------
 
 
-# In FROM_FIELDS: any stage whose model output is a policy (a causal LM: sft, dpo, ...), per the kind registry.
-POLICY = "policy"
-
-
 class StageConfig(Strict):
     """Base of all stage configs. ``kind`` says what the stage is; its name is free."""
 
-    KIND: ClassVar[str] = ""
-    # field name -> stage kinds that field may point at (POLICY: any policy-producing kind)
+    # field path -> what that field may point at: capabilities (registry.POLICY, REWARD_MODEL, PAIRS) or kinds
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     kind: str
@@ -364,12 +360,12 @@ class PairsStageConfig(StageConfig):
 
     # the FROM_FIELDS entries every pair-training stage shares
     PAIR_SOURCES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "pairs_from": ("bon",),
-        "data.train.from_stage": ("bon",),
-        "data.eval.from_stage": ("bon",),
+        "pairs_from": (PAIRS,),
+        "data.train.from_stage": (PAIRS,),
+        "data.eval.from_stage": (PAIRS,),
     }
 
-    pairs_from: str | None = Field(None, description="A best-of-n stage whose pairs to train on.")
+    pairs_from: str | None = Field(None, description="A stage that writes preference pairs (best-of-n) to train on.")
     data: PreferenceDataConfig | None = None
 
     @model_validator(mode="before")
@@ -423,6 +419,9 @@ class Recipe(Strict):
     lora: LoraConfig | None = None
     tracking: TrackingConfig = TrackingConfig()
     launch: str | None = Field(None, description="accelerate config file used by 'pipeline run'.")
+    plugins: list[str] = Field(
+        [], description="Modules to import before the stages are read: they register stage kinds of their own."
+    )
     stages: dict[str, SerializeAsAny[StageConfig]]
     # Where the recipe came from; not part of the YAML.
     source_path: str | None = Field(None, exclude=True)

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import stages
+from pipeline.config import registry
 from pipeline.util.files import write_text_atomic
 
 
 def _key_metrics(kind: str) -> tuple[str, ...]:
-    found = stages.kinds().get(kind)
+    found = registry.kinds().get(kind)
     return found.key_metrics if found else ()
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import stages
+from pipeline.config import registry
 from pipeline.run.manifest import MANIFEST, Manifest, now
 from pipeline.util.errors import PipelineError
 from pipeline.util.files import write_json_atomic
@@ -29,7 +29,7 @@ def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> d
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PipelineError(f"export: {out_dir} exists and is not an empty directory; choose a new OUT_DIR")
     entry = Manifest(run_dir).stage(stage)
-    kind = stages.kinds().get(entry.get("kind", ""))
+    kind = registry.kinds().get(entry.get("kind", ""))
     head = (kind.model_head if kind else None) or "causal_lm"
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import stages
+from pipeline.config import registry
 from pipeline.config.schema import Recipe
 from pipeline.run.context import StageContext, not_done
 from pipeline.run.manifest import Manifest, git_commit, now, package_versions, stage_hash
@@ -103,7 +103,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
         try:
             with tracked(recipe, name, ctx.stage_dir, ctx.is_main, say=ctx.say) as tracker:
                 set_seed(seed)
-                metrics = stages.get(cfg.kind).run(ctx)
+                metrics = registry.get(cfg.kind).run(ctx)
                 if ctx.is_main:
                     log_results(tracker, metrics, ctx.outputs)
         except OSError as exc:

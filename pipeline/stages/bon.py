@@ -14,11 +14,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.schema import POLICY, Sources, StageConfig, Strict, function_ref, function_refs
+from pipeline.config.registry import POLICY, REWARD_MODEL, StageKind, register
+from pipeline.config.schema import Sources, StageConfig, Strict, function_ref, function_refs
 from pipeline.data.prompts import PromptRecord, stage_prompts
 from pipeline.rollout import selection
 from pipeline.run.context import StageContext
-from pipeline.stages import StageKind, keep_checks, register
+from pipeline.stages import keep_checks
 from pipeline.util.errors import PipelineError
 from pipeline.util.files import write_jsonl_atomic
 
@@ -53,8 +54,10 @@ class BonStage(StageConfig):
     """Best-of-n: the policy samples n responses per prompt, a scorer scores them, selection keeps
     the best as SFT rows and best-vs-worst as preference pairs."""
 
-    KIND: ClassVar[str] = "bon"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": (POLICY,), "scorer.reward_from": ("reward",)}
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "policy_from": (POLICY,),
+        "scorer.reward_from": (REWARD_MODEL,),
+    }
 
     kind: Literal["bon"] = "bon"
     policy_from: str = Field(..., description="The sft stage whose model samples.")

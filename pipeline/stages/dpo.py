@@ -16,10 +16,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipeline import compat
-from pipeline.config.schema import POLICY, PairsStageConfig, TrainConfig
+from pipeline.config.registry import POLICY, StageKind, register
+from pipeline.config.schema import PairsStageConfig, TrainConfig
 from pipeline.data.preference import prepare_pairs, summary_line
 from pipeline.run.context import StageContext
-from pipeline.stages import StageKind, keep_checks, register
+from pipeline.stages import keep_checks
 from pipeline.stages.keep_checks import pair_warnings
 from pipeline.util.errors import PipelineError, RecipeError
 from pipeline.util.files import write_json_atomic
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 class DPOStage(PairsStageConfig):
     """DPO against a frozen reference (TRL DPOTrainer): by default the policy_from model, as it starts."""
 
-    KIND: ClassVar[str] = "dpo"
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "policy_from": (POLICY,),
         "reference_from": (POLICY,),

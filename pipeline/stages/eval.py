@@ -15,12 +15,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.schema import POLICY, Sources, StageConfig, function_refs
+from pipeline.config.registry import POLICY, REWARD_MODEL, StageKind, register
+from pipeline.config.schema import Sources, StageConfig, function_refs
 from pipeline.data.prompts import stage_prompts
 from pipeline.observe import plots
 from pipeline.rollout import selection
 from pipeline.run.context import StageContext
-from pipeline.stages import StageKind, register
 from pipeline.util.console import stage_progress
 from pipeline.util.files import write_json_atomic, write_jsonl_atomic
 
@@ -29,12 +29,11 @@ class EvalStage(StageConfig):
     """Held-out evaluation of every policy: checker rates (alignment gained, capability kept), reward-model
     score, win rate against the reference policy, KL to it, response length. Writes eval/metrics.json."""
 
-    KIND: ClassVar[str] = "eval"
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "policies": (POLICY,),
         "reference": (POLICY,),
         "bon_from": ("bon",),
-        "reward_from": ("reward",),
+        "reward_from": (REWARD_MODEL,),
     }
 
     kind: Literal["eval"] = "eval"

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config.schema import POLICY, Sources, StageConfig, Strict, TrainConfig, function_ref
+from pipeline.config.registry import POLICY, REWARD_MODEL, StageKind, register
+from pipeline.config.schema import Sources, StageConfig, Strict, TrainConfig, function_ref
 from pipeline.run.context import StageContext
-from pipeline.stages import StageKind, register
 from pipeline.util.errors import PipelineError
 
 
@@ -30,8 +30,7 @@ class CheckerReward(Strict):
 class GRPOStage(StageConfig):
     """Online RL (TRL GRPOTrainer) from a policy stage, with checker and/or reward-model rewards."""
 
-    KIND: ClassVar[str] = "grpo"
-    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": (POLICY,), "reward_from": ("reward",)}
+    FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": (POLICY,), "reward_from": (REWARD_MODEL,)}
 
     kind: Literal["grpo"] = "grpo"
     policy_from: str = Field(..., description="The policy stage (sft, dpo, grpo) training starts from.")

@@ -13,11 +13,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from pipeline import compat
-from pipeline.config.schema import POLICY, PairsStageConfig, TrainConfig
+from pipeline.config.registry import POLICY, StageKind, register
+from pipeline.config.schema import PairsStageConfig, TrainConfig
 from pipeline.data.preference import prepare_pairs, summary_line
 from pipeline.observe import plots
 from pipeline.run.context import StageContext
-from pipeline.stages import StageKind, keep_checks, register
+from pipeline.stages import keep_checks
 from pipeline.util.errors import GateFailed
 from pipeline.util.files import write_json_atomic
 
@@ -25,7 +26,6 @@ from pipeline.util.files import write_json_atomic
 class RewardStage(PairsStageConfig):
     """A reward model: a sequence classifier with one output, trained on preference pairs (TRL RewardTrainer)."""
 
-    KIND: ClassVar[str] = "reward"
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"base_from": (POLICY,), **PairsStageConfig.PAIR_SOURCES}
 
     kind: Literal["reward"] = "reward"

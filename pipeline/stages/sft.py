@@ -7,19 +7,19 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from pipeline import compat
-from pipeline.config.schema import POLICY, SFTDataConfig, StageConfig, TrainConfig, as_mixture
+from pipeline.config.registry import POLICY, StageKind, register
+from pipeline.config.schema import SFTDataConfig, StageConfig, TrainConfig, as_mixture
 from pipeline.data.mixture import Part, mix, summary_lines
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples, merge_reports
 from pipeline.data.sources import holdout_split
 from pipeline.run.context import StageContext
-from pipeline.stages import StageKind, keep_checks, register
+from pipeline.stages import keep_checks
 from pipeline.util.files import write_json_atomic
 
 
 class SFTStage(StageConfig):
     """Supervised fine-tuning on instruction data (TRL SFTTrainer), loss on the response tokens only."""
 
-    KIND: ClassVar[str] = "sft"
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "init_from": (POLICY,),
         "data.train.from_stage": ("bon",),  # rejection-sampling fine-tuning: SFT on best-of-n's best
