@@ -21,7 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.data.templates import alpaca_prompt  # noqa: E402
+from pipeline.builtin.prompt_templates import alpaca_prompt  # noqa: E402
+from pipeline.modeling.chat import stop_ids  # noqa: E402
 from pipeline.rollout import generation  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def main() -> None:
             seen.add(p)
             prompts.append(p)
     prompts = prompts[: args.prompts]
-    eos_ids = generation.stop_ids(model, tok)
+    eos_ids = stop_ids(model, tok, chat=False)
     print(
         f"model {path} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), {len(prompts)} prompts x "
         f"{args.n} samples x {args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}"

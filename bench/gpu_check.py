@@ -45,8 +45,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import plan as planner  # noqa: E402
 from pipeline.config import recipe_from_dict  # noqa: E402
+from pipeline.plan import launch, memory, shapes, stage_plan, units  # noqa: E402
 
 CONFIGS = REPO / "bench" / "configs"
 WORK = Path("/tmp/pipeline-gpu-check")
@@ -141,13 +141,13 @@ def case_recipe(case: str, layers: int | None, dry_run: bool = False):
 # ------------------------------------------------------------------------------------------------
 
 
-def matmul_params(shape: planner.ModelShape) -> int:
+def matmul_params(shape: shapes.ModelShape) -> int:
     """Parameters that take part in matmuls: all but the input embedding (a tied head is a matmul)."""
     head = shape.vocab * shape.hidden if shape.tied else shape.head
     return shape.total - shape.embedding + head
 
 
-def train_flops_per_token(shape: planner.ModelShape, trainable: int, seq: int, reference: bool) -> float:
+def train_flops_per_token(shape: shapes.ModelShape, trainable: int, seq: int, reference: bool) -> float:
     n = matmul_params(shape)
     attention = 12 * shape.layers * shape.hidden * seq
     flops = 4 * n + 2 * trainable + attention
@@ -156,7 +156,7 @@ def train_flops_per_token(shape: planner.ModelShape, trainable: int, seq: int, r
     return flops
 
 
-def generation_flops(shape: planner.ModelShape, tokens: int, context: float) -> float:
+def generation_flops(shape: shapes.ModelShape, tokens: int, context: float) -> float:
     return tokens * (2 * matmul_params(shape) + 4 * shape.layers * shape.hidden * context)
 
 
@@ -287,7 +287,7 @@ def log_probs(model, ids, fused: str | None):
         head.bias,
         labels[:, 1:].reshape(-1),
         1.0,
-        planner.FUSED_VOCAB_TILE,
+        memory.FUSED_VOCAB_TILE,
         None,
         1.0,
         ("log_probs", "entropy"),
@@ -326,7 +326,7 @@ def run_training(kind: str, recipe, base: str, device: str, steps: int) -> dict:
     """``steps`` optimizer steps of gradient_accumulation_steps micro-batches each; returns timings."""
     import torch
 
-    s = planner.stage_setup(recipe, kind)
+    s = memory.stage_setup(recipe, kind)
     train = recipe.stages[kind].train
     model = load(recipe, base, device, head="reward" if kind == "reward" else "causal_lm")
     fused = None if kind == "reward" else fused_head(model, ("log_probs", "entropy", "is_top1"))
@@ -373,7 +373,7 @@ def run_bon(recipe, base: str, device: str, prompt_tokens: int) -> dict:
 
     from pipeline.rollout.generation import sample_batch
 
-    s = planner.stage_setup(recipe, "bon", prompt_tokens)
+    s = memory.stage_setup(recipe, "bon", prompt_tokens)
     model = load(recipe, base, device, trainable=False)
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = model.config.vocab_size
@@ -409,15 +409,15 @@ def measure(case: str, kind: str, recipe, base: str, args) -> dict:
         result = run_training(kind, recipe, base, args.device, args.steps)
     measured = torch.cuda.max_memory_allocated() - before if args.device == "cuda" else None
     free(args.device)
-    plan = planner.plan_stage(recipe, kind, dist=planner.Distribution(), prompt_tokens=args.prompt_tokens)
+    plan = stage_plan.plan_stage(recipe, kind, dist=launch.Distribution(), prompt_tokens=args.prompt_tokens)
     # the allocator sees neither the CUDA context nor paged (unified-memory) optimizer states
-    unseen = planner.CUDA_CONTEXT_BYTES + sum(
+    unseen = memory.CUDA_CONTEXT_BYTES + sum(
         v for k, v in plan.terms.items() if k.startswith("optimizer states (paged_")
     )
     expected = plan.peak_bytes - unseen
     step_s = min(result["step_s"][1:] or result["step_s"])
-    shape = planner.model_shape(recipe.model.name_or_path, head="reward" if kind == "reward" else "causal_lm")
-    s = planner.stage_setup(recipe, kind, args.prompt_tokens)
+    shape = shapes.model_shape(recipe.model.name_or_path, head="reward" if kind == "reward" else "causal_lm")
+    s = memory.stage_setup(recipe, kind, args.prompt_tokens)
     if kind == "bon":
         flops = generation_flops(shape, result["tokens_per_step"], s.prompt_tokens + s.new_tokens / 2)
     else:
@@ -453,7 +453,7 @@ def main() -> int:
     parser.add_argument(
         "--layers", type=int, help="truncate every model to this many decoder layers (plan and measurement)"
     )
-    parser.add_argument("--prompt-tokens", type=int, default=planner.DEFAULT_PROMPT_TOKENS)
+    parser.add_argument("--prompt-tokens", type=int, default=memory.DEFAULT_PROMPT_TOKENS)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument(
         "--dry-run",
@@ -503,7 +503,7 @@ def main() -> int:
 
 
 def report_line(row: dict) -> str:
-    gb = lambda b: "-" if b is None else f"{b / planner.GIB:6.2f}"  # noqa: E731
+    gb = lambda b: "-" if b is None else f"{b / units.GIB:6.2f}"  # noqa: E731
     ratio = "-" if row["ratio_measured_over_plan"] is None else f"{row['ratio_measured_over_plan']:.2f}"
     mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     return (

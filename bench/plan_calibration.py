@@ -83,8 +83,8 @@ def child(case: str, config_dir: str) -> dict:
 
 
 def planned(case: str, config_dir: str) -> int:
-    from pipeline import plan
     from pipeline.config import recipe_from_dict
+    from pipeline.plan import launch, stage_plan
 
     dtype, optim, r = CASES[case]
     raw = {
@@ -100,7 +100,7 @@ def planned(case: str, config_dir: str) -> int:
     }
     if r is not None:
         raw["lora"] = {"r": r, "dropout": 0.0}
-    p = plan.plan_stage(recipe_from_dict(raw), "sft", dist=plan.Distribution())
+    p = stage_plan.plan_stage(recipe_from_dict(raw), "sft", dist=launch.Distribution())
     terms = {**p.terms, **p.other_terms}
     return sum(v for k, v in terms.items() if k.startswith(STATIC))
 

@@ -111,17 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from pipeline.config import load_recipe, missing_data_files
+    from pipeline.config import load_recipe
 
     if args.command == "validate":
         recipe = load_recipe(args.recipe, args.overrides)
-        missing = missing_data_files(recipe)
-        if missing:
-            raise PipelineError(
-                f"{args.recipe}: data files not found (relative paths are relative to the recipe file):\n  "
-                + "\n  ".join(missing)
-            )
-        _check_model(recipe, args.recipe)
+        _preflight(recipe, args.recipe, list(recipe.stages))
         from pipeline.run.preflight import data_problems
 
         problems = data_problems(recipe)  # every local file read and checked row by row, as its stage will
@@ -134,9 +128,9 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "plan":
-        from pipeline import plan
+        from pipeline.plan import report
 
-        return plan.main(args)
+        return report.main(args)
 
     if args.command == "export":
         from pipeline.run.export import export
@@ -178,19 +172,29 @@ def _note(message: str) -> None:
 
 def _stages_to_run(args, recipe, recipe_path) -> list[str]:
     """The stages ``run`` will run, their data files and the model checked before anything heavy runs."""
-    from pipeline.config import missing_data_files
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(recipe.stages)
     for name in stages:
         recipe.stage(name)
+    _preflight(recipe, recipe_path, stages)
+    return stages
+
+
+def _preflight(recipe, recipe_path, stages: list[str]) -> None:
+    """What ``validate`` and ``run`` check before anything heavy runs: the stages' data files exist, and the
+    model's tokenizer files and chat template are readable (without torch)."""
+    from pipeline.config import missing_data_files
+    from pipeline.run.preflight import model_problems
+
     missing = missing_data_files(recipe, stages)
-    if missing:  # before anything heavy runs, not when the stage that needs the file starts
+    if missing:
         raise PipelineError(
             f"{recipe_path}: data files not found (relative paths are relative to the recipe file):\n  "
             + "\n  ".join(missing)
         )
-    _check_model(recipe, recipe_path)
-    return stages
+    problems = model_problems(recipe)
+    if problems:
+        raise PipelineError(f"{recipe_path}: " + "\n  ".join(problems))
 
 
 def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -> int:
@@ -220,12 +224,3 @@ def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -
             print("\n" + report.results_table(final, stages))
             print(f"\nreport: {report_path}\nrun directory: {run_dir}")
     return 0
-
-
-def _check_model(recipe, recipe_path) -> None:
-    """The model's tokenizer files and chat template, read without torch (pipeline.run.preflight)."""
-    from pipeline.run.preflight import model_problems
-
-    problems = model_problems(recipe)
-    if problems:
-        raise PipelineError(f"{recipe_path}: " + "\n  ".join(problems))

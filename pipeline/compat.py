@@ -78,12 +78,13 @@ def sequence_length(row: dict[str, Any]) -> int:
     return len(row.get("prompt_ids") or []) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
 
 
-_GROUPED: dict[type, type] = {}
+_GROUPED: dict[tuple[type, type], type] = {}
 
 
-def length_grouped(trainer_cls: type) -> type:
-    """``trainer_cls`` whose ``train_sampling_strategy="group_by_length"`` sampler is ``LengthGroupedBatches``
-    over ``sequence_length``.
+def length_grouped(trainer_cls: type, sampler_cls: type) -> type:
+    """``trainer_cls`` whose ``train_sampling_strategy="group_by_length"`` sampler is
+    ``sampler_cls(lengths, batch_size, seed=seed)`` over ``sequence_length`` (the caller's sampler, so this
+    module needs nothing above ``pipeline.util``; ``pipeline.train.batching.length_grouped`` passes its own).
 
     The Trainer's own group_by_length reads a ``length`` column (which it drops with the other columns the model
     does not take before it builds the sampler) or ``input_ids`` (which TRL's preference datasets do not have), so
@@ -91,8 +92,7 @@ def length_grouped(trainer_cls: type) -> type:
     ``Trainer._get_train_sampler(train_dataset)`` and ``Trainer._get_eval_sampler(eval_dataset)``, which the
     Trainer calls with the dataset it is about to batch.
     """
-    if trainer_cls not in _GROUPED:
-        from pipeline.train.batching import LengthGroupedBatches
+    if (trainer_cls, sampler_cls) not in _GROUPED:
 
         class Grouped(trainer_cls):
             def _get_train_sampler(self, train_dataset=None):
@@ -101,9 +101,7 @@ def length_grouped(trainer_cls: type) -> type:
                 dataset = train_dataset if train_dataset is not None else self.train_dataset
                 # micro-batches are padded one by one: group at the size of one (per device)
                 seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                return LengthGroupedBatches(
-                    [sequence_length(row) for row in dataset], self.args.train_batch_size, seed=seed
-                )
+                return sampler_cls([sequence_length(row) for row in dataset], self.args.train_batch_size, seed=seed)
 
             def _get_eval_sampler(self, eval_dataset):
                 # the Trainer groups eval batches too under group_by_length, but through input_ids only (which
@@ -115,8 +113,8 @@ def length_grouped(trainer_cls: type) -> type:
                 return SequentialSampler(eval_dataset)
 
         Grouped.__name__ = Grouped.__qualname__ = f"Grouped{trainer_cls.__name__}"
-        _GROUPED[trainer_cls] = Grouped
-    return _GROUPED[trainer_cls]
+        _GROUPED[trainer_cls, sampler_cls] = Grouped
+    return _GROUPED[trainer_cls, sampler_cls]
 
 
 # ----------------------------------------------------------------------------------------------

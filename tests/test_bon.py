@@ -73,7 +73,7 @@ def test_greedy_sampler_equals_generate_with_padding_and_dropped_rows(tiny_model
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     rows = read_jsonl(REPO / "data/tiny/prompts_bon.jsonl")[:12]
-    from pipeline.data.templates import alpaca_prompt
+    from pipeline.builtin.prompt_templates import alpaca_prompt
 
     prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in rows]
     # A random-weight model never emits EOS; make a token its greedy output does produce the stop token,

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
+from pipeline.builtin.prompt_templates import ALPACA_PROMPT_NO_INPUT, alpaca_prompt
 from pipeline.config import DataSource
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples
-from pipeline.data.templates import ALPACA_PROMPT_NO_INPUT, alpaca_prompt
 from pipeline.util.errors import DataError
 
 

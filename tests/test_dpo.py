@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from pipeline import cli, modeling
+from pipeline.builtin.prompt_templates import alpaca_prompt
 from pipeline.config import load_recipe
-from pipeline.data.templates import alpaca_prompt
 from pipeline.run import runner
 from pipeline.run.manifest import Manifest
 from pipeline.stages import dpo

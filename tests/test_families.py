@@ -137,7 +137,8 @@ def test_reward_head_pads_with_the_tokenizer_pad_when_eos_is_a_list():
 def test_pair_linter_measures_a_reply_after_its_prompt_on_strict_templates(family):
     from functools import partial
 
-    from pipeline.data.preference import PreferencePair, lint_pairs
+    from pipeline.data.preference.formats import PreferencePair
+    from pipeline.data.preference.lint import lint_pairs
     from pipeline.modeling import token_length
 
     tok = tokenizer_of(family)
@@ -161,7 +162,8 @@ def test_pair_linter_measures_a_reply_after_its_prompt_on_strict_templates(famil
 def test_a_conversation_the_template_refuses_is_a_data_error_naming_the_row():
     from functools import partial
 
-    from pipeline.data.preference import PreferencePair, lint_pairs
+    from pipeline.data.preference.formats import PreferencePair
+    from pipeline.data.preference.lint import lint_pairs
     from pipeline.modeling import token_length
     from pipeline.util.errors import DataError
 

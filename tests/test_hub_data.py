@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import recipe_from_dict
-from pipeline.config.schema import DataSource
-from pipeline.data.preference import load_preference_pairs
+from pipeline.config import DataSource, recipe_from_dict
+from pipeline.data.preference.formats import load_preference_pairs
 from pipeline.data.sft import load_sft_examples
 from pipeline.data.sources import read_source
 from pipeline.util.errors import RecipeError

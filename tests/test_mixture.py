@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import DataSource, Mixture, load_recipe
-from pipeline.config.schema import PreferenceDataConfig
+from pipeline.config import DataSource, Mixture, PreferenceDataConfig, load_recipe
 from pipeline.data.mixture import Part, mix
-from pipeline.data.preference import prepare_pairs
+from pipeline.data.preference.prepare import prepare_pairs
 from pipeline.data.prompts import load_prompts
 from pipeline.util.errors import RecipeError
 

@@ -6,17 +6,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
+import yaml
 
-from pipeline import cli, plan
-from pipeline.config import load_recipe
+from pipeline import builtin, cli, plan
+from pipeline.config import StageConfig, load_recipe, registry
+from pipeline.plan import launch, memory, report, shapes, units
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA8B = REPO / "bench" / "configs" / "Llama-3.1-8B"
 QWEN05B = REPO / "bench" / "configs" / "Qwen2.5-0.5B"
 QLORA = REPO / "recipes" / "gpu" / "llama3.1-8b-qlora.yaml"
-GIB = plan.GIB
+GIB = units.GIB
 
 
 def small_configs():
@@ -46,13 +49,13 @@ def test_counts_equal_the_instantiated_model(arch):
     from transformers import AutoModelForCausalLM
 
     cfg = small_configs()[arch]
-    shape = plan.shape_of_config(cfg)
+    shape = shapes.shape_of_config(cfg)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     params = list(model.parameters())
     assert shape.total == sum(p.numel() for p in params)
     assert shape.embedding + shape.head + shape.norms + shape.other + shape.linear_weights == shape.total
-    setup = plan.Setup(
+    setup = memory.Setup(
         kind="sft",
         head="causal_lm",
         weight_bytes=2,
@@ -62,23 +65,23 @@ def test_counts_equal_the_instantiated_model(arch):
         lora=None,
         checkpointing=False,
     )
-    assert sum(plan.weight_terms(shape, setup, training=True).values()) == sum(
+    assert sum(memory.weight_terms(shape, setup, training=True).values()) == sum(
         p.numel() * p.element_size() for p in params
     )
     # LoRA on all-linear: what peft actually creates
     lora = load_recipe(REPO / "recipes" / "demo.yaml", ["lora.r=4"]).lora
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
     created = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
-    assert sum(t.numel for t in plan.lora_tensors(shape, lora)) == created
+    assert sum(t.numel for t in memory.lora_tensors(shape, lora)) == created
     assert all(
         p.dtype == torch.float32 for n, p in peft_model.named_parameters() if "lora_" in n
     )  # 4 bytes each, as planned
 
 
 def test_reward_shape_has_a_one_output_head_and_no_vocab_term():
-    shape = plan.shape_of_config(small_configs()["llama"], head="reward")
+    shape = shapes.shape_of_config(small_configs()["llama"], head="reward")
     assert shape.head == shape.hidden  # score: hidden -> 1
-    setup = plan.Setup(
+    setup = memory.Setup(
         kind="reward",
         head="reward",
         weight_bytes=2,
@@ -90,26 +93,26 @@ def test_reward_shape_has_a_one_output_head_and_no_vocab_term():
         sequences=4,
         length=128,
     )
-    head = sum(plan.head_terms(shape, setup, head_trainable=True, fused=False).values())
+    head = sum(memory.head_terms(shape, setup, head_trainable=True, fused=False).values())
     assert head < 4 * 128 * shape.vocab  # nothing sized by the vocabulary
 
 
 def test_nf4_bytes_first_principles():
     n = 4096 * 14336
     blocks = n // 64
-    assert plan.nf4_bytes(n, double_quant=False) == n // 2 + 4 * blocks
-    assert plan.nf4_bytes(n, double_quant=True) == n // 2 + blocks + 4 * (blocks // 256)
+    assert memory.nf4_bytes(n, double_quant=False) == n // 2 + 4 * blocks
+    assert memory.nf4_bytes(n, double_quant=True) == n // 2 + blocks + 4 * (blocks // 256)
 
 
 def test_llama8b_published_parameter_count():
-    shape = plan.model_shape(str(LLAMA8B))
+    shape = shapes.model_shape(str(LLAMA8B))
     assert shape.total == 8_030_261_248
     assert not shape.tied and shape.head == 128256 * 4096
 
 
 def _plan(recipe_path, overrides, stage="sft", gpu="24GiB"):
     recipe = load_recipe(recipe_path, overrides)
-    return plan.plan_recipe(recipe, [stage], plan.parse_gpu_memory(gpu))[stage]
+    return plan.plan_recipe(recipe, [stage], units.parse_gpu_memory(gpu))[stage]
 
 
 def test_llama8b_full_finetune_bf16_adamw_does_not_fit_24gib():
@@ -163,9 +166,9 @@ def test_sharding_divides_what_zero3_shards():
         QLORA,
         [f"model.name_or_path={LLAMA8B}", "model.quantization=none", "lora=null", "stages.sft.train.optim=adamw_torch"],
     )
-    one = plan.plan_stage(recipe, "sft", dist=plan.Distribution())
-    zero3 = plan.plan_stage(recipe, "sft", dist=plan.read_launch(str(REPO / "launch" / "zero3.yaml"), 8))
-    zero2 = plan.plan_stage(recipe, "sft", dist=plan.read_launch(str(REPO / "launch" / "zero2.yaml"), 8))
+    one = plan.plan_stage(recipe, "sft", dist=launch.Distribution())
+    zero3 = plan.plan_stage(recipe, "sft", dist=launch.read_launch(str(REPO / "launch" / "zero3.yaml"), 8))
+    zero2 = plan.plan_stage(recipe, "sft", dist=launch.read_launch(str(REPO / "launch" / "zero2.yaml"), 8))
     assert zero3.peak_bytes < zero2.peak_bytes < one.peak_bytes
     weights = lambda p: sum(v for k, v in p.terms.items() if k.startswith("weights"))  # noqa: E731
     assert weights(zero3) == weights(one) // 8 and weights(zero2) == weights(one)
@@ -176,7 +179,7 @@ def test_dpo_reference_copy_adapter_or_precomputed():
     copy = _plan(recipe, [], "dpo")
     pre = _plan(recipe, ["stages.dpo.precompute_ref_log_probs=true"], "dpo")
     lora = _plan(recipe, ["lora.r=8"], "dpo")
-    shape = plan.model_shape(plan.BUILTIN_TINY_MODEL)
+    shape = shapes.model_shape(builtin.TINY_MODEL)
     assert copy.terms["reference model (frozen full copy)"] == shape.total * 4
     assert not any(k.startswith("reference") for k in pre.terms)
     assert any(k.startswith("reference adapter") for k in lora.terms)
@@ -194,7 +197,7 @@ def test_generation_kv_cache_scales_with_n_and_length():
     "text,gib", [("24GiB", 24), ("24GB", 24), ("80G", 80), ("24", 24), ("16384MiB", 16), ("0.5 TB", 512)]
 )
 def test_gpu_memory_parsing(text, gib):
-    assert plan.parse_gpu_memory(text) == gib * GIB
+    assert units.parse_gpu_memory(text) == gib * GIB
 
 
 def test_every_recipe_plans_with_a_verdict(capsys):
@@ -223,7 +226,7 @@ def test_every_recipe_plans_with_a_verdict(capsys):
 
 def test_headline_is_one_line_with_a_verdict():
     recipe = load_recipe(REPO / "recipes" / "demo.yaml")
-    line = plan.headline(recipe, "sft", "24GiB")
+    line = report.headline(recipe, "sft", "24GiB")
     assert "\n" not in line and line.startswith("[sft]") and "fits 24.00 GiB" in line
 
 
@@ -242,3 +245,38 @@ def test_bad_inputs_exit_2_with_a_message_naming_the_thing(tmp_path):
     assert out.returncode == 2 and "adamw_tourch" in out.stderr and "adamw_torch" in out.stderr
     out = _cli(demo, "--gpu-memory", "lots")
     assert out.returncode == 2 and "--gpu-memory" in out.stderr and "lots" in out.stderr
+
+
+@pytest.mark.parametrize("name", builtin.names())
+def test_every_builtin_model_plans_through_the_cli(name, capsys):
+    # plan, validate and run resolve built-in names through pipeline.builtin alone: each one plans
+    architecture = json.loads((builtin.resolve(name) / "config.json").read_text())["architectures"][0]
+    args = ["plan", str(REPO / "recipes" / "demo.yaml"), "--set", f"model.name_or_path={name}", "--gpu-memory", "24GiB"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert f"[sft] sft: {architecture} (" in text
+    assert text.count("verdict: fits") == len(load_recipe(REPO / "recipes" / "demo.yaml").stages)
+
+
+class NoPlanStage(StageConfig):
+    kind: Literal["noplan"] = "noplan"
+
+
+def test_a_kind_without_a_memory_model_is_named_and_the_other_stages_still_plan(tmp_path, capsys):
+    kind = registry.StageKind(name="noplan", config=NoPlanStage, run=lambda ctx: {})
+    registry.register(kind)
+    try:
+        raw = load_recipe(REPO / "recipes" / "demo.yaml").resolved_dict()
+        raw["stages"] = {"sft": raw["stages"]["sft"], "extra": {"kind": "noplan"}}
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert cli.main(["plan", str(path), "--gpu-memory", "24GiB"]) == 0
+        text = capsys.readouterr().out
+        assert "verdict: fits" in text.split("[extra]")[0]
+        assert "[extra] noplan: no estimate: stage 'extra': kind 'noplan' has no memory model for plan" in text
+        assert cli.main(["plan", str(path), "--json"]) == 0
+        stages = json.loads(capsys.readouterr().out)["stages"]
+        assert stages["sft"]["peak_bytes"] > 0 and "error" not in stages["sft"]
+        assert "has no memory model" in stages["extra"]["error"] and stages["extra"]["fits"] is None
+    finally:
+        registry.unregister("noplan")

@@ -10,15 +10,12 @@ import sys
 
 import pytest
 
-from pipeline.data.preference import (
-    PreferencePair,
-    detect_preference_format,
-    lint_pairs,
-    load_preference_pairs,
-    pair_to_record,
-)
-from pipeline.data.sources import MAX_REPORTED, Rows, read_file
+from pipeline.data.preference.formats import PreferencePair, detect_preference_format, load_preference_pairs
+from pipeline.data.preference.lint import lint_pairs
+from pipeline.data.preference.prepare import pair_to_record
+from pipeline.data.sources import Rows, read_file
 from pipeline.util.errors import DataError, RecipeError
+from pipeline.util.text import MAX_REPORTED
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
@@ -531,7 +528,7 @@ def test_loaded_hh_pairs_lint_and_convert_end_to_end(tmp_path):
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, pipeline.data.preference; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pipeline.data.preference.prepare; assert 'torch' not in sys.modules, 'torch imported'"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__))
     )

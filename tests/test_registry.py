@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pytest
+import yaml
 from pydantic import Field
 
-from pipeline.config import registry
-from pipeline.config import DataSource, StageConfig, recipe_from_dict
+from pipeline.config import DataSource, StageConfig, recipe_from_dict, registry
 from pipeline.data.sources import read_source
 from pipeline.observe import report
 from pipeline.run import runner
@@ -21,7 +21,7 @@ from pipeline.run.context import StageContext
 from pipeline.util.errors import RecipeError
 from pipeline.util.files import write_json_atomic
 
-from conftest import BASE_RECIPE, REPO, merge
+from conftest import BASE_RECIPE, REPO, merge, run_cli
 
 
 class WordCountStage(StageConfig):
@@ -113,3 +113,105 @@ def test_builtin_kinds_come_from_their_modules_only():
     )
     assert out.stdout == "", f"a table of stage kinds outside the registry:\n{out.stdout}"
     assert sys.modules["pipeline.stages.sft"].KIND is found["sft"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A kind from a package outside pipeline/, through the real CLI
+# ------------------------------------------------------------------------------------------------------------
+
+PLUGIN = '''
+"""A stage kind shipped by another package: counts the words of a column."""
+import json
+from typing import Any, Literal
+
+from pipeline.config import DataSource, StageConfig
+from pipeline.config.registry import StageKind, register
+from pipeline.data.sources import read_source
+
+
+class WordCountStage(StageConfig):
+    kind: Literal["wordcount"] = "wordcount"
+    data: DataSource
+    column: str = "output"
+
+
+def run(ctx) -> dict[str, Any]:
+    rows = read_source(ctx.cfg.data).rows
+    words = sum(len(str(row[ctx.cfg.column]).split()) for row in rows)
+    (ctx.stage_dir / "counts.json").write_text(json.dumps({"rows": len(rows), "words": words}))
+    ctx.outputs["counts"] = str(ctx.stage_dir / "counts.json")
+    return {"rows": len(rows), "words": words}
+
+
+def tables(metrics, detailed):
+    return {"words": ("words counted", [["rows", "words"], [str(metrics["rows"]), str(metrics["words"])]])}
+
+
+register(StageKind(name="wordcount", config=WordCountStage, run=run, outputs=("counts",),
+                   key_metrics=("words",), tables=tables))
+'''
+
+
+def _plugin_package(tmp_path: Path, entry_point: bool) -> dict[str, str]:
+    """``wordcount_kind`` in a folder outside the repository, optionally announced by an installed
+    distribution's ``pipeline.stages`` entry point (a dist-info beside it is what ``pip install`` leaves)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "wordcount_kind.py").write_text(PLUGIN)
+    if entry_point:
+        info = site / "wordcount_kind-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: wordcount-kind\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text("[pipeline.stages]\nwordcount = wordcount_kind\n")
+    return {"PYTHONPATH": str(site)}
+
+
+def _plugin_recipe(tmp_path: Path, plugins: list[str] | None) -> Path:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "one two three"}) + "\n" for i in range(5)))
+    raw = {
+        "name": "plugin-test",
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "tracking": {"report_to": "none"},
+        "stages": {"count": {"kind": "wordcount", "data": {"path": str(data)}}},
+    }
+    if plugins is not None:
+        raw["plugins"] = plugins
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["plugins-key", "entry-point"])
+def test_a_kind_from_an_outside_package_validates_plans_runs_caches_and_reports(tmp_path, how):
+    env = _plugin_package(tmp_path, entry_point=how == "entry-point")
+    recipe = _plugin_recipe(tmp_path, ["wordcount_kind"] if how == "plugins-key" else None)
+    out = tmp_path / "run"
+
+    checked = run_cli("validate", str(recipe), env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "count" in checked.stdout
+
+    planned = run_cli("plan", str(recipe), env=env)
+    assert planned.returncode == 2 and "Traceback" not in planned.stderr
+    assert "stage 'count': kind 'wordcount' has no memory model for plan" in planned.stdout + planned.stderr
+
+    first = run_cli("run", str(recipe), "--output-dir", str(out), env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["count"]["status"] == "done"
+    assert json.loads(Path(manifest["stages"]["count"]["outputs"]["counts"]).read_text()) == {"rows": 5, "words": 15}
+    report_md = (out / "report.md").read_text()
+    assert "words=15" in report_md and "## Words counted" in report_md
+    assert "words counted:" in first.stdout  # the kind's table in the console results
+
+    again = run_cli("run", str(recipe), "--output-dir", str(out), env=env)
+    assert again.returncode == 0 and "[count] cached" in again.stdout, again.stdout + again.stderr
+
+
+def test_a_plugin_that_cannot_be_imported_is_one_clear_error(tmp_path):
+    recipe = _plugin_recipe(tmp_path, ["wordcount_knd"])
+    result = run_cli("validate", str(recipe))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "plugins[0]: cannot import plugin module 'wordcount_knd'" in result.stdout + result.stderr

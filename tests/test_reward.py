@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from pipeline import modeling
+from pipeline.builtin.prompt_templates import alpaca_prompt
 from pipeline.config import load_recipe
-from pipeline.data.templates import alpaca_prompt
 from pipeline.run import runner
 
 from conftest import REPO, run_cli

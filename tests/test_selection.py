@@ -13,11 +13,8 @@ from pipeline.rollout.selection import (
     degenerate_reason,
     group_candidates,
     pair_row,
-    select_best,
     select_best_candidates,
     select_pair_candidates,
-    select_pairs,
-    select_top_k,
     select_top_k_candidates,
     sft_row,
 )
@@ -45,6 +42,16 @@ def pair_picks(pairs):
     return [(c["prompt_id"], c["sample_idx"], r["sample_idx"]) for c, r in pairs]
 
 
+def sft_rows(selected):
+    """What the bon stage writes to best.jsonl."""
+    return [sft_row(c) for c in selected]
+
+
+def pair_rows(pairs):
+    """What the bon stage writes to pairs.jsonl."""
+    return [pair_row(c, r) for c, r in pairs]
+
+
 def test_imports_without_torch():
     code = "import pipeline.rollout.selection, sys; print('torch' in sys.modules or 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -68,7 +75,7 @@ def test_duplicate_prompt_sample_raises():
 
 def test_nan_score_raises_naming_candidate():
     cs = [cand("p", 0, 1.0), cand("q", 3, float("nan"))]
-    for fn in (select_best_candidates, select_pair_candidates, lambda c: select_top_k(c, 2)):
+    for fn in (select_best_candidates, select_pair_candidates, lambda c: select_top_k_candidates(c, 2)):
         with pytest.raises(ValueError, match=r"NaN.*'q'.*sample_idx=3"):
             fn(cs)
 
@@ -114,7 +121,7 @@ def test_n_equals_one():
     sel, stats = select_best_candidates(cs)
     assert picks(sel) == [("a", 0), ("b", 0)]
     assert stats["incomplete_prompts"] == 0
-    pairs, pstats = select_pairs(cs)
+    pairs, pstats = select_pair_candidates(cs)
     assert pairs == []
     assert pstats["too_few_valid"] == 2 and pstats["selected"] == 0
     assert pstats["mean_margin"] is None
@@ -153,7 +160,8 @@ def test_margin_filter_drops_and_counts():
         cand("d", 0, 0.3),
         cand("d", 1, 0.3),  # equal
     ]
-    pairs, stats = select_pairs(cs, min_margin=0.5)
+    pairs, stats = select_pair_candidates(cs, min_margin=0.5)
+    pairs = pair_rows(pairs)
     assert [p["prompt_id"] for p in pairs] == ["a", "c"]
     assert stats["below_min_margin"] == 1
     assert stats["equal_scores"] == 1
@@ -163,7 +171,8 @@ def test_margin_filter_drops_and_counts():
         stats["selected"] + stats["too_few_valid"] + stats["equal_scores"] + stats["below_min_margin"]
     )
     # Default min_margin=0 keeps every positive margin, never an equal pair.
-    pairs, stats = select_pairs(cs)
+    pairs, stats = select_pair_candidates(cs)
+    pairs = pair_rows(pairs)
     assert [p["prompt_id"] for p in pairs] == ["a", "b", "c"]
     assert stats["below_min_margin"] == 0 and stats["equal_scores"] == 1
 
@@ -249,15 +258,16 @@ def test_shuffled_input_same_selection_order_by_first_appearance():
 
 def test_bool_scores():
     cs = [cand("p", 0, False), cand("p", 1, True), cand("p", 2, True)]
-    sel, _ = select_best(cs)
+    sel = sft_rows(select_best_candidates(cs)[0])
     assert sel[0]["score"] == 1.0 and isinstance(sel[0]["score"], float)
     assert sel[0]["completion"] == "resp p/1"
-    pairs, stats = select_pairs(cs)
+    pairs, stats = select_pair_candidates(cs)
+    pairs = pair_rows(pairs)
     assert len(pairs) == 1
     p = pairs[0]
     assert (p["chosen"], p["rejected"]) == ("resp p/1", "resp p/0")
     assert (p["chosen_score"], p["rejected_score"], p["margin"]) == (1.0, 0.0, 1.0)
-    _, stats = select_pairs([cand("q", 0, True), cand("q", 1, True)])
+    _, stats = select_pair_candidates([cand("q", 0, True), cand("q", 1, True)])
     assert stats["equal_scores"] == 1
 
 
@@ -278,7 +288,7 @@ def test_top_k_with_min_score():
     assert picks(sel) == [("a", 0), ("a", 2), ("b", 0)]
     assert stats["selected"] == 3
     assert stats["below_min_score"] == 3  # b's 2nd slot, both of c's slots
-    rows, _ = select_top_k(cs, k=2)
+    rows = sft_rows(select_top_k_candidates(cs, k=2)[0])
     assert [r["score"] for r in rows] == [0.9, 0.7, 0.6, 0.3, 0.2, 0.1]
 
 
@@ -287,8 +297,8 @@ def test_top_k_one_equals_best():
     cs = [cand(f"p{p}", i, round(rng.random(), 1)) for p in range(8) for i in range(3)]
     cs.append(cand("p0", 3, 5.0, response=""))
     for ms in (None, 0.5):
-        best, bstats = select_best(cs, min_score=ms)
-        top, tstats = select_top_k(cs, k=1, min_score=ms)
+        best, bstats = select_best_candidates(cs, min_score=ms)
+        top, tstats = select_top_k_candidates(cs, k=1, min_score=ms)
         assert best == top
         tstats.pop("k")
         assert bstats == tstats
@@ -297,7 +307,7 @@ def test_top_k_one_equals_best():
 def test_top_k_rejects_bad_k():
     for k in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="k"):
-            select_top_k([cand("p", 0, 1.0)], k=k)
+            select_top_k_candidates([cand("p", 0, 1.0)], k=k)
 
 
 def test_sft_row_alpaca_shape():
@@ -355,15 +365,30 @@ def test_pair_row_metadata_cannot_override_pair_fields():
     assert out["chosen"] == "good" and out["margin"] == 1.0
 
 
-def test_select_wrappers_map_candidates():
+def test_selected_candidates_map_to_rows():
     row = {"instruction": "i", "answer": "a"}
     cs = [cand("p", 0, 0.1, row=row), cand("p", 1, 0.9, row=row), cand("q", 0, 0.5)]
-    rows, stats = select_best(cs)
-    sel, stats2 = select_best_candidates(cs)
-    assert rows == [sft_row(c) for c in sel] and stats == stats2
-    prs, _ = select_pairs(cs)
+    sel, stats = select_best_candidates(cs)
+    assert sft_rows(sel) == [
+        {"instruction": "i", "input": "", "output": "resp p/1", "answer": "a", "prompt_id": "p", "score": 0.9},
+        {"prompt": "prompt q", "completion": "resp q/0", "prompt_id": "q", "score": 0.5},
+    ]
+    assert stats["selected"] == 2 and "k" not in stats
     cps, _ = select_pair_candidates(cs)
-    assert prs == [pair_row(c, r) for c, r in cps]
+    assert pair_rows(cps) == [
+        {
+            "prompt_id": "p",
+            "prompt": "prompt p",
+            "chosen": "resp p/1",
+            "rejected": "resp p/0",
+            "chosen_score": 0.9,
+            "rejected_score": 0.1,
+            "margin": 0.9 - 0.1,
+            "instruction": "i",
+            "input": "",
+            "answer": "a",
+        }
+    ]
 
 
 def _gold_check(row, response):
@@ -404,7 +429,7 @@ def test_checker_rates_known_numbers():
 def test_checker_rates_rejects_sft_rows_and_foreign_prompts():
     row = {"instruction": "i", "answer": "A"}
     cs = [cand("a", 0, 1.0, row=row)]
-    rows, _ = select_best(cs)
+    rows = sft_rows(select_best_candidates(cs)[0])
     with pytest.raises(ValueError, match="not sft rows"):
         checker_rates(cs, rows, _gold_check)
     with pytest.raises(ValueError, match="'zz'"):

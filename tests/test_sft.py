@@ -132,7 +132,7 @@ def test_only_response_tokens_carry_loss(make_recipe, tmp_path):
 
 
 def _prompt(row):
-    from pipeline.data.templates import alpaca_prompt
+    from pipeline.builtin.prompt_templates import alpaca_prompt
 
     return alpaca_prompt(row["instruction"], row.get("input", ""))
 

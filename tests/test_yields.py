@@ -243,7 +243,13 @@ def test_sft_on_an_empty_best_of_n_output_fails_naming_it(make_recipe, tmp_path,
     best.parent.mkdir(parents=True)
     best.write_text("")
     Manifest(run_dir).update_stage(
-        recipe, "label", kind="bon", status="done", config_hash="l", outputs={"best": str(best)}, metrics={}
+        recipe,
+        "label",
+        kind="bon",
+        status="done",
+        config_hash="l",
+        outputs={"best": str(best)},
+        metrics={"select": {"best": {"prompts": 4}, "pairs": {"prompts": 4}}},  # what a selecting stage records
     )
     no_model_loads(monkeypatch)
     with pytest.raises(

@@ -14,15 +14,12 @@ pieces with byte fallback, the published chat template verbatim, ``generation_co
 says, per family, which checkpoint is copied and how. Nothing is "fixed up": a release without a pad
 token gives a replica without one, because the pipeline must cope with that.
 
-This module imports no torch at import time (config validation uses ``builtin_names``).
+This module imports no torch at import time (``pipeline.builtin.names`` lists its names for config validation).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -363,26 +360,13 @@ def family_of(name_or_path: str) -> Family | None:
 
 def replica_path(name_or_path: str) -> Path:
     """Directory of a built replica; builds it on first use (safe if several processes race)."""
-    from pipeline.builtin.tiny_model import cache_root
+    from pipeline.builtin.tiny_model import built_once, cache_root
 
     family = family_of(name_or_path)
     if family is None:
         raise KeyError(f"unknown replica {name_or_path!r}; known: {', '.join(builtin_names())}")
     target = cache_root() / f"replica-{family.name}-{VERSION}"
-    if (target / "BUILD.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".replica-{family.name}-", dir=target.parent))
-    try:
-        build(family, tmp)
-        try:
-            os.rename(tmp, target)  # atomic: readers see a complete replica or none
-        except OSError:
-            if not (target / "BUILD.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return built_once(target, ("BUILD.json",), lambda out_dir: build(family, out_dir))
 
 
 def build(family: Family, out_dir: Path) -> None:

@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.data.templates import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, render_prompt
+from pipeline.builtin.prompt_templates import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, render_prompt
 
 VERSION = "v1"
 VOCAB_SIZE = 1024
@@ -43,17 +44,22 @@ def cache_root() -> Path:
 
 def tiny_model_path() -> Path:
     """Directory of the built tiny model; builds it on first use (safe if several processes race)."""
-    target = cache_root() / f"tiny-llama-{VERSION}"
-    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+    return built_once(cache_root() / f"tiny-llama-{VERSION}", ("config.json", "tokenizer.json"), build)
+
+
+def built_once(target: Path, markers: tuple[str, ...], build_into: Callable[[Path], None]) -> Path:
+    """``target`` once every marker file is in it; else built into a temporary directory by ``build_into`` and
+    renamed into place (atomic: readers see a complete model or none, and racing processes agree)."""
+    if all((target / name).is_file() for name in markers):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
+        build_into(tmp)
         try:
-            os.rename(tmp, target)  # atomic: readers see a complete model or none
-        except OSError:
-            if not (target / "config.json").is_file():
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / markers[0]).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,15 +14,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config import registry
+from pipeline.config.data import SOURCE_TAGS, DataSource, iter_sources, map_sources
+from pipeline.config.recipe import Recipe
 from pipeline.config.rounds import expand_rounds
-from pipeline.config.schema import (
-    SOURCE_TAGS,
-    DataSource,
-    Recipe,
-    StageConfig,
-    iter_sources,
-    map_sources,
-)
+from pipeline.config.stage import StageConfig
 from pipeline.util.errors import RecipeError
 from pipeline.util.text import suggest
 

@@ -56,7 +56,7 @@ class StageKind:
     outputs: tuple[str, ...] = ()  # output names it records in the manifest (e.g. "model", "pairs")
     key_metrics: tuple[str, ...] = ()  # metrics the report and the results table show
     model_head: str | None = None  # "causal_lm" or "reward" when its "model" output is a model
-    # plan: memory(recipe, stage_name, prompt_tokens) -> pipeline.plan.Setup (what its peak memory depends on)
+    # plan: memory(recipe, stage_name, prompt_tokens) -> pipeline.plan.memory.Setup (what its peak memory depends on)
     memory: Callable[..., Any] | None = None
     # preflight: data_checks(recipe, stage_name) -> callables that read and check its local data files
     data_checks: Callable[..., list[Callable[[], Any]]] | None = None

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from pipeline.data.sources import MAX_REPORTED
 from pipeline.util.errors import DataError
+from pipeline.util.text import raise_collected
 
 Render = Callable[[list, bool], str]
 
@@ -26,6 +26,11 @@ def is_template_error(exc: BaseException) -> bool:
     return type(exc).__name__ == "TemplateError"  # jinja2's, raised by a chat template's raise_exception
 
 
+def refusal(exc: BaseException) -> str:
+    """What to tell the user when the chat template raised ``exc`` (an is_template_error) on their data."""
+    return f"the model's chat template refuses this conversation ({exc}); {FIX_STRICT}"
+
+
 def rendering_problem(prompt: list, completion: list, render: Render) -> str | None:
     """Why this prompt/completion cannot be trained on as it is rendered at inference; None when fine."""
     try:
@@ -34,7 +39,7 @@ def rendering_problem(prompt: list, completion: list, render: Render) -> str | N
     except Exception as exc:
         if not is_template_error(exc):
             raise
-        return f"the model's chat template refuses this conversation ({exc}); {FIX_STRICT}"
+        return refusal(exc)
     if together.startswith(alone):
         return None
     k = next((i for i, (a, b) in enumerate(zip(alone, together)) if a != b), min(len(alone), len(together)))
@@ -61,10 +66,5 @@ def check_chat_examples(examples: Sequence, render: Render, source: str) -> None
         problem = rendering_problem(ex.prompt, ex.completion, render)
         if problem:
             problems.append(f"{ex.where}: {problem}")
-    if problems:
-        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError(
-            f"{len(problems)} conversation(s) in {source} do not work with the model's chat template:\n  "
-            + "\n  ".join(problems[:MAX_REPORTED])
-            + more
-        )
+    headline = f"{len(problems)} conversation(s) in {source} do not work with the model's chat template:"
+    raise_collected(problems, headline, DataError)

@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.data.sources import MAX_REPORTED, read_source
-from pipeline.data.templates import render_prompt
+from pipeline.builtin.prompt_templates import render_prompt
+from pipeline.data.sources import read_source
 from pipeline.util.errors import DataError
+from pipeline.util.text import raise_collected
 
 PROMPT_COLUMNS = ("prompt", "text", "question")  # plain prompt files, e.g. {"question_id", "text", "category"}
 
@@ -32,7 +33,7 @@ def prompt_id(prompt: Any) -> str:
 def load_prompts(sources, template: str, seed: int = 0) -> tuple[list[PromptRecord], dict[str, Any]]:
     """Prompts of one source or a mixture (pipeline.config Mixture), each prompt once. Returns the records and
     counts: rows, prompts, duplicates (and the mixture's per-source summary when there is one)."""
-    from pipeline.config.schema import as_mixture
+    from pipeline.config import as_mixture
     from pipeline.data.mixture import Part, is_mixed, mix
 
     mixture = as_mixture(sources)
@@ -89,11 +90,7 @@ def _load_source(source, template: str) -> tuple[list[PromptRecord], dict[str, i
         if pid not in seen:
             seen.add(pid)
             records.append(PromptRecord(pid, prompt, row))
-    if problems:
-        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError(
-            f"{len(problems)} bad prompt row(s) in {rows.source}:\n  " + "\n  ".join(problems[:MAX_REPORTED]) + more
-        )
+    raise_collected(problems, f"{len(problems)} bad prompt row(s) in {rows.source}:", DataError)
     return records, {"rows": len(rows), "prompts": len(records), "duplicates": len(rows) - len(records)}
 
 

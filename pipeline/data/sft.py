@@ -12,26 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.data.sources import MAX_REPORTED, RowProblem, Rows, extra_columns, read_source, require_columns
-from pipeline.data.templates import render_prompt
+from pipeline.builtin.prompt_templates import render_prompt
+from pipeline.data.messages import clean_messages
+from pipeline.data.sources import RowProblem, Rows, extra_columns, read_source, require_columns
 from pipeline.util.errors import DataError
+from pipeline.util.text import raise_collected
 
 REQUIRED = {
     "alpaca": ("instruction", "output"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "prompt_completion": ("prompt", "completion"),
-}
-ROLES = ("system", "user", "assistant")
-# ShareGPT-style messages ({"from": "human", "value": ...}): their speaker names -> chat roles
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "model": "assistant",
-    "system": "system",
 }
 
 
@@ -85,13 +76,9 @@ def load_sft_examples(source, template: str) -> tuple[list[Example], str]:
             examples.append(convert(row, template, rows.at(i)))
         except RowProblem as exc:
             problems.append(f"{rows.at(i)}: {exc}")
-    if problems:
-        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError(
-            f"{len(problems)} bad row(s) in {rows.source} (format {fmt}); fix or remove them:\n  "
-            + "\n  ".join(problems[:MAX_REPORTED])
-            + more
-        )
+    raise_collected(
+        problems, f"{len(problems)} bad row(s) in {rows.source} (format {fmt}); fix or remove them:", DataError
+    )
     return examples, fmt
 
 
@@ -130,33 +117,12 @@ def _from_prompt_completion(row: dict, template: str, where: str) -> Example:
 
 
 def _from_messages(row: dict, template: str, where: str) -> Example:
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RowProblem("'messages' must be a non-empty list of {role, content} objects")
-    clean = []
-    for j, msg in enumerate(messages):
-        msg = _sharegpt_message(msg)
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise RowProblem(
-                f"messages[{j}] must be an object with 'role' and 'content' (or ShareGPT's 'from' and 'value')"
-            )
-        if msg["role"] not in ROLES:
-            raise RowProblem(f"messages[{j}].role is {msg['role']!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(msg["content"], str) or not msg["content"].strip():
-            raise RowProblem(f"messages[{j}].content must be a non-empty string")
-        clean.append({"role": msg["role"], "content": msg["content"]})
+    clean = clean_messages(row.get("messages"), "messages", non_empty_content=True)
     if clean[-1]["role"] != "assistant":
         raise RowProblem("the last message must be the assistant's (it is what the model learns to write)")
     if not any(m["role"] == "user" for m in clean[:-1]):
         raise RowProblem("needs at least one user message before the assistant's")
     return Example(clean[:-1], clean[-1:], where, extra_columns(row, ("messages",)))
-
-
-def _sharegpt_message(msg):
-    """{"from": "human", "value": ...} -> {"role": "user", "content": ...}; anything else as it is."""
-    if isinstance(msg, dict) and "role" not in msg and "from" in msg and "value" in msg:
-        return {"role": SHAREGPT_ROLES.get(str(msg["from"]).lower(), msg["from"]), "content": msg["value"]}
-    return msg
 
 
 def _from_sharegpt(row: dict, template: str, where: str) -> Example:
@@ -237,12 +203,12 @@ def apply_length_policy(
             else:
                 report.truncated += 1
                 kept.append(ex)
-    if policy == "error" and over:
-        more = f"\n  ... and {len(over) - MAX_REPORTED} more" if len(over) > MAX_REPORTED else ""
-        raise DataError(
+    if policy == "error":
+        headline = (
             f"{len(over)} row(s) of {source} are longer than max_length={max_length} tokens "
-            "(set overlength: truncate or drop, or raise max_length):\n  " + "\n  ".join(over[:MAX_REPORTED]) + more
+            "(set overlength: truncate or drop, or raise max_length):"
         )
+        raise_collected(over, headline, DataError)
     if not kept:
         raise DataError(f"{source}: no rows left after applying max_length={max_length} ({policy}); raise max_length")
     report.duplicates = _duplicates(kept)
@@ -253,6 +219,7 @@ def apply_length_policy(
 
 
 def percentiles(values: list[int]) -> dict[str, float]:
+    """min / p50 / p90 / p99 / max / mean (nearest-rank percentiles); {} for no values."""
     if not values:
         return {}
     ordered = sorted(values)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.util.errors import DataError
+from pipeline.util.text import raise_collected
 
-MAX_REPORTED = 10
 T = TypeVar("T")
 
 
@@ -99,7 +99,7 @@ def _read_jsonl(path: Path) -> Rows:
                 continue
             rows.append(obj)
             where.append(f"row {len(rows)} (line {lineno})")
-    _raise_collected(bad, "fix or remove these lines")
+    raise_collected(bad, "bad data rows (fix or remove these lines):", DataError)
     return _non_empty(Rows(str(path), rows, where))
 
 
@@ -117,7 +117,7 @@ def _read_json(path: Path) -> Rows:
         for i, obj in enumerate(data, 1)
         if not isinstance(obj, dict)
     ]
-    _raise_collected(bad, "every row must be a JSON object")
+    raise_collected(bad, "bad data rows (every row must be a JSON object):", DataError)
     return _non_empty(Rows(str(path), data, [f"row {i}" for i in range(1, len(data) + 1)]))
 
 
@@ -204,9 +204,3 @@ def _non_empty(rows: Rows) -> Rows:
     if not rows.rows:
         raise DataError(f"{rows.source}: no rows")
     return rows
-
-
-def _raise_collected(problems: list[str], advice: str) -> None:
-    if problems:
-        more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-        raise DataError("\n  ".join(["bad data rows (" + advice + "):"] + problems[:MAX_REPORTED]) + more)

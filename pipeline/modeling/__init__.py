@@ -1,4 +1,4 @@
-"""Models: loading (dtype, 4-bit/8-bit, LoRA, adapter hand-off), the DPO reference, merging adapters.
+"""Models: loading (dtype, 4-bit/8-bit, LoRA, adapter hand-off), reward models, the DPO reference, merging adapters.
 
 The only package that touches peft and bitsandbytes (besides the workarounds in ``pipeline.compat``),
 so every stage loads models the same way.
@@ -12,9 +12,7 @@ from pipeline.modeling.loading import (
     load_base,
     load_frozen_policy,
     load_policy,
-    load_reward_model,
     load_tokenizer,
-    load_trained_reward_model,
     peft_config,
     resolve_name,
     saved_ref,
@@ -24,6 +22,7 @@ from pipeline.modeling.loading import (
 )
 from pipeline.modeling.merge import load_merged, merge_to_full
 from pipeline.modeling.reference import DPOModels, frozen, load_dpo_models
+from pipeline.modeling.reward import load_reward_model, load_trained_reward_model
 
 __all__ = [
     "DPOModels",

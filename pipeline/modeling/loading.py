@@ -1,4 +1,7 @@
-"""Tokenizer and model loading: dtype, 4-bit/8-bit bitsandbytes, LoRA, adapter hand-off, saving."""
+"""Tokenizer and model loading: dtype, 4-bit/8-bit bitsandbytes, LoRA, adapter hand-off, saving.
+
+``load_base`` builds either head (causal LM or reward classifier); reward models to train or to score with are
+assembled in ``pipeline.modeling.reward``."""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from typing import Any
 
 import torch
 
+from pipeline import builtin
 from pipeline.compat import fix_cpu_4bit
-from pipeline.config.schema import BUILTIN_TINY_MODEL, LoraConfig, ModelConfig
+from pipeline.config import LoraConfig, ModelConfig
 from pipeline.util.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -46,18 +50,8 @@ class ModelRef:
 
 
 def resolve_name(name_or_path: str) -> str:
-    if name_or_path == BUILTIN_TINY_MODEL:
-        from pipeline.builtin.tiny_model import tiny_model_path
-
-        return str(tiny_model_path())
-    if name_or_path.startswith("builtin:"):
-        from pipeline.builtin import replicas
-
-        if replicas.family_of(name_or_path) is not None:
-            return str(replicas.replica_path(name_or_path))
-        known = ", ".join([BUILTIN_TINY_MODEL, *replicas.builtin_names()])
-        raise PipelineError(f"model.name_or_path: unknown built-in model {name_or_path!r}; the built-ins are: {known}")
-    return name_or_path
+    """A built-in model's directory (built on first use); any other name as given."""
+    return str(builtin.resolve(name_or_path)) if builtin.is_builtin(name_or_path) else name_or_path
 
 
 def has_cuda() -> bool:
@@ -240,50 +234,10 @@ def load_policy(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None
     return model
 
 
-def load_reward_model(
-    cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None = None, work_dir: Path | None = None
-):
-    """(model, base): a sequence classifier with one output (a fresh score head) to train as a reward model,
-    and the model directory a new adapter on it belongs to (None: the recipe's base model).
-
-    Starts from the recipe's base model or an earlier stage's model; an SFT adapter is first merged
-    into its base (written under ``work_dir``), since a reward model needs the whole network.
-    """
-    from pipeline.modeling.merge import merge_to_full
-
-    path = None
-    if init is not None:
-        path = (
-            init.path
-            if init.kind == "full"
-            else str(merge_to_full(init, cfg, (work_dir or Path(init.path).parent) / "merged_init"))
-        )
-    model = load_base(cfg, head="reward", path=path)
-    if lora is not None:
-        return add_lora(model, cfg, lora, task="SEQ_CLS"), path  # SEQ_CLS also trains the new score head
-    if cfg.quantization != "none":
-        raise PipelineError("a quantized reward model can only be trained through a LoRA adapter; add a 'lora:' block")
-    return model, path
-
-
 def load_frozen_policy(cfg: ModelConfig, ref: ModelRef, device=None):
     """An earlier stage's policy for sampling or scoring: no adapter added, eval mode, on ``device``
     (a quantized model is placed by bitsandbytes when it loads)."""
     model = load_policy(cfg, None, init=ref, trainable=False)
-    if cfg.quantization == "none" and device is not None:
-        model.to(device)
-    return model.eval()
-
-
-def load_trained_reward_model(cfg: ModelConfig, ref: ModelRef, device=None):
-    """A reward model a reward stage saved (full classifier, or adapter + score head on its base), frozen."""
-    from peft import PeftModel
-
-    if ref.kind == "adapter":
-        model = PeftModel.from_pretrained(load_base(cfg, head="reward", path=base_path(ref)), ref.path)
-    else:
-        model = load_base(cfg, head="reward", path=ref.path)
-    fix_cpu_4bit(model)
     if cfg.quantization == "none" and device is not None:
         model.to(device)
     return model.eval()

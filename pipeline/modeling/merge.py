@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config.schema import ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.modeling.loading import ModelRef, base_path, load_base, load_tokenizer
 from pipeline.util.errors import PipelineError
 

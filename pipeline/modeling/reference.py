@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config.schema import LoraConfig, ModelConfig
+from pipeline.config import LoraConfig, ModelConfig
 from pipeline.modeling.loading import ModelRef, load_base, load_policy, peft_config
 
 

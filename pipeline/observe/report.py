@@ -9,10 +9,16 @@ from typing import Any
 
 from pipeline.config import registry
 from pipeline.util.files import write_text_atomic
+from pipeline.util.text import markdown_table, text_table
 
 
-def _key_metrics(kind: str) -> tuple[str, ...]:
-    found = registry.kinds().get(kind)
+def _kind(entry: dict[str, Any]) -> registry.StageKind | None:
+    """The registered kind of a manifest entry (None for a kind no longer installed: shown, not interpreted)."""
+    return registry.kinds().get(entry.get("kind", ""))
+
+
+def _key_metrics(entry: dict[str, Any]) -> tuple[str, ...]:
+    found = _kind(entry)
     return found.key_metrics if found else ()
 
 
@@ -24,7 +30,7 @@ def stage_rows(manifest: dict[str, Any], names: list[str], warnings_inline: bool
         entry = manifest["stages"].get(name, {})
         metrics = entry.get("metrics", {})
         shown = []
-        for key in _key_metrics(entry.get("kind", "")):
+        for key in _key_metrics(entry):
             if isinstance(metrics.get(key), (int, float)):
                 value = metrics[key]
                 shown.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
@@ -52,44 +58,28 @@ def stage_rows(manifest: dict[str, Any], names: list[str], warnings_inline: bool
     return rows
 
 
-def policy_rows(eval_metrics: dict[str, Any], first_samples: bool = True) -> list[list[str]]:
-    """One row per evaluated policy (and, for best-of-n, its first sample's figures)."""
-    policies = eval_metrics.get("policies", {})
-    keys: list[str] = []
-    for m in policies.values():
-        keys += [k for k, v in m.items() if isinstance(v, (int, float)) and k not in keys and k != "n"]
-    rows = [["policy"] + keys]
-    for name, m in policies.items():
-        rows.append([name] + [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys])
-        first = m.get("first_sample")
-        if first_samples and isinstance(first, dict):
-            rows.append(
-                [f"  {name} (first sample)"]
-                + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys]
-            )
-    return rows
+def stage_tables(
+    manifest: dict[str, Any], names: list[str], detailed: bool = True
+) -> list[tuple[str, list[list[str]]]]:
+    """(title, rows) of every table the finished stages' kinds make of their metrics (e.g. eval's policies)."""
+    found = []
+    for name in names:
+        entry = manifest["stages"].get(name, {})
+        kind = _kind(entry)
+        metrics = _metrics_file(entry)
+        if kind is not None and kind.tables is not None and metrics is not None:
+            found += list(kind.tables(metrics, detailed).values())
+    return found
 
 
-def text_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
-    return "\n".join(out)
-
-
-def eval_metrics_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    for entry in manifest["stages"].values():
-        if entry.get("kind") == "eval" and entry.get("status") == "done":
-            path = entry.get("outputs", {}).get("metrics")
-            if path and Path(path).is_file():
-                return json.loads(Path(path).read_text())
-    return None
+def _metrics_file(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """A done stage's full metrics: its ``metrics`` output file when it wrote one, else the manifest's copy."""
+    if entry.get("status") not in ("done", "cached"):
+        return None
+    path = entry.get("outputs", {}).get("metrics")
+    if path and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return entry.get("metrics") or {}
 
 
 def warning_lines(manifest: dict[str, Any], names: list[str]) -> list[str]:
@@ -105,51 +95,29 @@ def results_table(manifest: dict[str, Any], names: list[str]) -> str:
     said = warning_lines(manifest, names)
     if said:
         text += "\n\n" + "\n".join(said)
-    evaluation = eval_metrics_of(manifest)
-    if evaluation:
-        text += (
-            "\n\nheld-out evaluation ("
-            + str(evaluation.get("prompts"))
-            + " prompts):\n"
-            + text_table(policy_rows(evaluation))
-        )
+    for title, rows in stage_tables(manifest, names):
+        text += f"\n\n{title}:\n" + text_table(rows)
     return text
 
 
-def _headline(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
-    """The trade-off at a glance: the eval stage's frontier plot and its points as a table."""
-    evaluation = eval_metrics_of(manifest) or {}
-    data = evaluation.get("frontier")
-    figures = _figures(run_dir, manifest, names, {"frontier": "alignment trade-off"})
-    if not data or not figures:
-        return []
-    rows = [["policy", f"alignment: {data['alignment']}", f"capability: {data['capability']}", "KL to reference"]]
-    rows += [
-        [p["policy"]]
-        + [
-            f"{p[k]:.3f}" if isinstance(p.get(k), (int, float)) else "-"
-            for k in ("alignment", "capability", "kl_to_ref")
-        ]
-        for p in data["points"]
-    ]
-    return [
-        "## Alignment trade-off",
-        "",
-        f"Per policy: alignment (`{data['alignment']}`) against capability kept (`{data['capability']}`) and against "
-        f"KL to the reference `{data['reference']}`. Up and to the right on the left panel, up and to the left on the "
-        "right one, is better.",
-        "",
-        f"![alignment trade-off]({figures[0][1].name})",
-        "",
-        markdown_table(rows),
-        "",
-    ]
+def _headlines(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
+    """What the finished stages' kinds put at the top of the report (e.g. eval's alignment trade-off)."""
+    parts = []
+    for name in names:
+        entry = manifest["stages"].get(name, {})
+        kind = _kind(entry)
+        metrics = _metrics_file(entry)
+        if kind is not None and kind.headline is not None and metrics is not None:
+            parts += kind.headline(
+                metrics, lambda output, entry=entry, name=name: _copy_plot(run_dir, name, entry, output)
+            )
+    return parts
 
 
 def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> Path:
     """report.md plus PNG plots beside it."""
     parts = [f"# Run report: {manifest.get('recipe', '')}", "", f"Run directory: `{run_dir}`", ""]
-    parts += _headline(run_dir, manifest, names)
+    parts += _headlines(run_dir, manifest, names)
     parts += ["## Stages", "", markdown_table(stage_rows(manifest, names)), ""]
     total = sum(manifest["stages"].get(n, {}).get("duration_s") or 0 for n in names)
     parts += [f"Total stage time: {total:.1f} s", ""]
@@ -167,41 +135,36 @@ def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> P
             )
     if links:
         parts += ["## Tracking", ""] + links + [""]
-    evaluation = eval_metrics_of(manifest)
-    if evaluation:
-        parts += [
-            f"## Held-out evaluation ({evaluation.get('prompts')} prompts, reference `{evaluation.get('reference')}`)",
-            "",
-            markdown_table(policy_rows(evaluation)),
-            "",
-        ]
+    for title, rows in stage_tables(manifest, names):
+        parts += [f"## {title[0].upper()}{title[1:]}", "", markdown_table(rows), ""]
     figures = _figures(run_dir, manifest, names)
     if figures:
-        parts += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in figures] + [""]
+        parts += ["## Plots", ""] + [f"![{title}]({file})" for title, file in figures] + [""]
     path = run_dir / "report.md"
     write_text_atomic(path, "\n".join(parts))
     return path
 
 
-# stage output -> the title of its plot in the report ({name}: the stage)
-PLOT_OUTPUTS = {
-    "reward_histogram": "{name}: chosen vs rejected rewards",
-    "margins_plot": "{name}: DPO reward margins",
-    "reward_distribution": "{name}: reward per policy",
-}
-
-
-def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str], outputs=PLOT_OUTPUTS) -> list[tuple[str, Path]]:
-    """The stages' plots, copied beside report.md (as ``<stage>_<file>``), with their titles."""
+def _copy_plot(run_dir: Path, name: str, entry: dict[str, Any], output: str) -> str | None:
+    """Copy a done stage's plot output beside report.md (as ``<stage>_<file>``); its file name, or None."""
     import shutil
 
+    src = entry.get("outputs", {}).get(output)
+    if entry.get("status") != "done" or not src or not Path(src).is_file():
+        return None
+    dst = run_dir / f"{name}_{Path(src).name}"
+    shutil.copyfile(src, dst)
+    return dst.name
+
+
+def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[tuple[str, str]]:
+    """(title, file name) of the stages' plots (their kinds' ``plots``), copied beside report.md."""
     figures = []
     for name in names:
         entry = manifest["stages"].get(name, {})
-        for key, title in outputs.items():
-            src = entry.get("outputs", {}).get(key)
-            if entry.get("status") == "done" and src and Path(src).is_file():
-                dst = run_dir / f"{name}_{Path(src).name}"
-                shutil.copyfile(src, dst)
-                figures.append((title.format(name=name), dst))
+        kind = _kind(entry)
+        for output, title in (kind.plots if kind else {}).items():
+            copied = _copy_plot(run_dir, name, entry, output)
+            if copied:
+                figures.append((title.format(name=name), copied))
     return figures

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Recipe
+from pipeline.config import Recipe, registry
 from pipeline.util.errors import PipelineError
 from pipeline.util.network import unreachable
+from pipeline.util.text import markdown_table
 
 DEFAULT_WANDB_URL = "https://api.wandb.ai"
 INIT_TIMEOUT_S = 30.0  # wandb.init waits 90 s by default, then retries
@@ -153,23 +154,19 @@ def flat_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return found
 
 
-def stage_results(metrics: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
-    """What every tracker gets when a stage ends: scalars, tables (header + rows) and images (PNG paths)."""
-    from pipeline.observe.report import policy_rows
-
-    tables = {}
-    if isinstance(metrics.get("policies"), dict):  # an eval stage: the held-out table
-        rows = policy_rows(metrics, first_samples=False)
-        tables["policies"] = (rows[0], rows[1:])
+def stage_results(kind: str, metrics: dict[str, Any], outputs: dict[str, str]) -> dict[str, Any]:
+    """What every tracker gets when a stage ends: scalars, its kind's tables (header + rows) and images (PNGs)."""
+    hook = registry.get(kind).tables if kind in registry.kinds() else None
+    tables = {key: (rows[0], rows[1:]) for key, (_, rows) in (hook(metrics, False) if hook else {}).items()}
     images = {key: path for key, path in outputs.items() if str(path).endswith(".png") and Path(path).is_file()}
     return {"scalars": flat_numbers(metrics), "tables": tables, "images": images}
 
 
-def log_results(info: dict[str, Any], metrics: dict[str, Any], outputs: dict[str, str]) -> None:
+def log_results(info: dict[str, Any], kind: str, metrics: dict[str, Any], outputs: dict[str, str]) -> None:
     """Send a finished stage's results to its trackers (``info``: what ``tracked`` yielded)."""
     if not info:
         return
-    results = stage_results(metrics, outputs)
+    results = stage_results(kind, metrics, outputs)
     if "tensorboard" in info:
         _to_tensorboard(info["tensorboard"]["dir"], results, int(metrics.get("steps") or 0))
     if "wandb" in info:
@@ -179,8 +176,6 @@ def log_results(info: dict[str, Any], metrics: dict[str, Any], outputs: dict[str
 def _to_tensorboard(log_dir: str, results: dict[str, Any], step: int) -> None:
     import matplotlib.image
     from torch.utils.tensorboard import SummaryWriter
-
-    from pipeline.observe.report import markdown_table
 
     writer = SummaryWriter(log_dir=log_dir)
     try:

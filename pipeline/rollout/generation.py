@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.rollout.batches import pad_batch
 from pipeline.util.errors import DataError
 
 
@@ -49,13 +50,6 @@ def encode_prompts(tokenizer, prompts: Sequence) -> list[list[int]]:
     return out
 
 
-def stop_ids(model, tokenizer, chat: bool = False) -> list[int]:
-    """See ``pipeline.modeling.chat.stop_ids``: eos, generation_config's list, the template's end of turn."""
-    from pipeline.modeling.chat import stop_ids as family_stop_ids
-
-    return family_stop_ids(model, tokenizer, chat)
-
-
 def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
@@ -85,14 +79,9 @@ def sample_batch(
     from transformers import DynamicCache
 
     device = model.device
-    batch, width = len(prompt_ids), max(len(p) for p in prompt_ids)
-    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, width), dtype=torch.long)
-    for i, ids in enumerate(prompt_ids):  # left padding: every prompt ends at the same column
-        input_ids[i, width - len(ids) :] = torch.tensor(ids)
-        attention[i, width - len(ids) :] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    batch = len(prompt_ids)
+    input_ids, attention, positions = pad_batch(prompt_ids, pad_id, side="left")  # every prompt ends at one column
+    input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
 
     cache = DynamicCache()
     out = model(
@@ -157,13 +146,15 @@ def sample_responses(
 
     ``progress(prompts_done, tokens_generated, seconds)`` is called after each batch.
     """
+    from pipeline.modeling.chat import stop_ids
+
     was_training = model.training
     model.eval()
     encoded = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     generator = torch.Generator(device=model.device).manual_seed(seed)
     chat = any(isinstance(p, list) for p in prompts)
-    eos_ids, pad_id = stop_ids(model, tokenizer, chat=chat), tokenizer.pad_token_id
+    eos_ids, pad_id = stop_ids(model, tokenizer, chat), tokenizer.pad_token_id
     samples: list[Sample] = []
     started, generated = time.perf_counter(), 0
     for start in range(0, len(order), batch_size):
@@ -197,12 +188,8 @@ def completion_logprobs(
     device = model.device
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):  # right padding: positions need no adjusting
-            ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-            mask[row, : len(sequences[i])] = 1
+        # right padding: real tokens keep positions 0..n-1 without position ids; the pad id (0) is masked
+        ids, mask, _ = pad_batch([sequences[i] for i in chunk], 0)
         logprobs = torch.log_softmax(
             model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), dim=-1
         )

@@ -90,6 +90,8 @@ class RewardModelScorer:
     def score(self, items):
         import torch
 
+        from pipeline.rollout.batches import pad_batch
+
         encoded = [self.encode(item["prompt"], item["response"]) for item in items]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores = [0.0] * len(encoded)
@@ -112,23 +114,6 @@ class RewardModelScorer:
                 bar.advance()
         self.model.train(was_training)
         return scores
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right"):
-    """(ids, attention mask, position ids) of a padded batch. Positions count real tokens only, so a
-    left-padded sequence gets the positions it has alone (the model would otherwise number the padding);
-    the classifier reads the last non-pad token, wherever the padding is."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
-        mask[row, cols] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, positions
 
 
 def build_scorer(cfg, ctx) -> Scorer:

@@ -249,24 +249,6 @@ def pair_row(chosen: dict, rejected: dict) -> dict:
     return out
 
 
-def select_best(candidates: Iterable[dict], min_score: float | None = None) -> tuple[list[dict], dict]:
-    """select_best_candidates mapped through sft_row."""
-    selected, stats = select_best_candidates(candidates, min_score)
-    return [sft_row(c) for c in selected], stats
-
-
-def select_top_k(candidates: Iterable[dict], k: int, min_score: float | None = None) -> tuple[list[dict], dict]:
-    """select_top_k_candidates mapped through sft_row."""
-    selected, stats = select_top_k_candidates(candidates, k, min_score)
-    return [sft_row(c) for c in selected], stats
-
-
-def select_pairs(candidates: Iterable[dict], min_margin: float = 0.0) -> tuple[list[dict], dict]:
-    """select_pair_candidates mapped through pair_row."""
-    pairs, stats = select_pair_candidates(candidates, min_margin)
-    return [pair_row(c, r) for c, r in pairs], stats
-
-
 def checker_rates(
     candidates: Iterable[dict],
     selected_best: Iterable[dict],

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from pipeline.config.schema import DataSource, Mixture, Recipe, StageConfig
+from pipeline.config import DataSource, Mixture, Recipe, StageConfig
 from pipeline.run.manifest import Manifest
 from pipeline.util.errors import PipelineError
 

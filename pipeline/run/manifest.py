@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import Recipe, iter_sources
+from pipeline.config import Recipe, iter_sources
 from pipeline.util.errors import PipelineError
 from pipeline.util.files import write_json_atomic, write_text_atomic
 

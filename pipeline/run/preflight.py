@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config.schema import Recipe, source_list
+from pipeline import builtin
+from pipeline.config import Recipe, registry
 from pipeline.util.network import HUB_URL, hub_offline, offline_advice, unreachable
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -30,7 +31,7 @@ def chat_stages(recipe: Recipe) -> list[str]:
 def model_problems(recipe: Recipe) -> list[str]:
     """What is wrong with the recipe's model that the user can fix before anything loads."""
     name = recipe.model.name_or_path
-    if name.startswith("builtin:"):
+    if builtin.is_builtin(name):
         return []  # the tiny model and every replica ship a tokenizer with a chat template
     local = Path(name)
     if local.is_absolute() or name.startswith("."):
@@ -92,7 +93,7 @@ def hub_model_problem(recipe: Recipe) -> str | None:
     """The recipe's model is a Hub id that is not in the local cache and the Hub cannot be reached: say so now,
     not after a minute of download retries inside the first stage. A short TCP probe; nothing is downloaded."""
     name = recipe.model.name_or_path
-    if name.startswith("builtin:") or Path(name).exists() or name.startswith((".", "/")):
+    if builtin.is_builtin(name) or Path(name).exists() or name.startswith((".", "/")):
         return None
     if _cached_hub_files(name, recipe.model.revision) is not None:
         return None
@@ -127,7 +128,7 @@ def _cached_hub_dataset(repo_id: str) -> bool:
 def hub_data_problem(recipe: Recipe, stages: list[str]) -> str | None:
     """Hub datasets of these stages that are not cached while the Hub cannot be reached: say so before any stage
     starts, naming each one, instead of a stage failing after download retries. A short TCP probe."""
-    from pipeline.config.schema import iter_sources
+    from pipeline.config import iter_sources
 
     wanted = [
         (f"stages.{name}.{where}", source.hub)
@@ -166,31 +167,6 @@ def data_problems(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
 
 
 def _data_checks(recipe: Recipe, name: str) -> list:
-    """Callables that read and check each local source of stage ``name`` with its stage's loader."""
-    from pipeline.data.preference import prepare_pairs
-    from pipeline.data.prompts import load_prompts
-    from pipeline.data.sft import load_sft_examples
-
-    def local(source) -> bool:
-        return source is not None and all(s.path is not None for s in source_list(source))
-
-    stage = recipe.stages[name]
-    data = getattr(stage, "data", None)
-    checks = []
-    if stage.kind == "sft":
-        sources = [s for s in [*source_list(data.train), data.eval] if local(s)]
-        checks += [lambda s=s: load_sft_examples(s, data.template) for s in sources]
-    elif (
-        hasattr(stage, "pairs_from")
-        and data is not None
-        and local(data.train)
-        and (data.eval is None or local(data.eval))
-    ):
-        checks.append(lambda: prepare_pairs(data.train, data.eval, data))
-    prompts = getattr(stage, "prompts", None)
-    if local(prompts):
-        template = getattr(stage, "template", None) or recipe.policy_template(
-            getattr(stage, "policy_from", None) or stage.reference
-        )
-        checks.append(lambda: load_prompts(prompts, template))
-    return checks
+    """Callables that read and check each local source of stage ``name`` with its kind's loaders (its hook)."""
+    hook = registry.get(recipe.stages[name].kind).data_checks
+    return hook(recipe, name) if hook is not None else []

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import registry
-from pipeline.config.schema import Recipe
+from pipeline.config import Recipe, registry
+from pipeline.plan.launch import read_launch
 from pipeline.run.context import StageContext, not_done
 from pipeline.run.manifest import Manifest, git_commit, now, package_versions, stage_hash
 from pipeline.util import console
@@ -105,7 +105,7 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
                 set_seed(seed)
                 metrics = registry.get(cfg.kind).run(ctx)
                 if ctx.is_main:
-                    log_results(tracker, metrics, ctx.outputs)
+                    log_results(tracker, cfg.kind, metrics, ctx.outputs)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
@@ -211,15 +211,7 @@ class Launch:
     def multi_process(self) -> bool:
         """A launch config that starts one plain process gains nothing from a subprocess per stage
         (measured: ~7 s of imports each), so those stages run in this process."""
-        if not self.config:
-            return False
-        import yaml
-
-        settings = yaml.safe_load(Path(self.config).read_text()) or {}
-        return int(settings.get("num_processes", 1)) > 1 or str(settings.get("distributed_type", "NO")).upper() not in (
-            "NO",
-            "",
-        )
+        return bool(self.config) and read_launch(self.config).multi_process
 
     def command(self, stage: str, run_dir: Path) -> list[str]:
         cmd = [
@@ -261,7 +253,7 @@ def run_pipeline(
             say(f"[{name}] cached: same settings, data and upstream as the finished run; skipped")
             continue
         try:  # the memory estimate is advice: a planner failure never breaks a run
-            from pipeline.plan import headline
+            from pipeline.plan.report import headline
 
             say(headline(recipe, name))
         except Exception as exc:  # noqa: BLE001

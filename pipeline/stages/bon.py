@@ -14,12 +14,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.config import Sources, StageConfig, Strict, function_ref, function_refs
 from pipeline.config.registry import POLICY, REWARD_MODEL, StageKind, register
-from pipeline.config.schema import Sources, StageConfig, Strict, function_ref, function_refs
 from pipeline.data.prompts import PromptRecord, stage_prompts
 from pipeline.rollout import selection
 from pipeline.run.context import StageContext
-from pipeline.stages import keep_checks
+from pipeline.stages import input_files, keep_checks
 from pipeline.util.errors import PipelineError
 from pipeline.util.files import write_jsonl_atomic
 
@@ -179,7 +179,7 @@ def finish(
         candidates, sel.top_k, sel.min_score, sel.keep_truncated
     )
     pairs, pair_stats = selection.select_pair_candidates(candidates, sel.min_margin, sel.keep_truncated)
-    warnings = keep_checks.bon_warnings(
+    warnings = keep_warnings(
         ctx.name, ctx.cfg, len({c["prompt_id"] for c in best_candidates}), len(pairs), best_stats, pair_stats
     )
     if not best_candidates:
@@ -225,11 +225,86 @@ def _summary_line(name: str, m: dict[str, Any]) -> str:
     )
 
 
+def degenerate_cause(degenerate: dict[str, int], candidates: int, max_new_tokens: int) -> tuple[int, str]:
+    """The commoner kind of unusable sample (truncated or empty) and what to do about it."""
+    truncated, empty = degenerate.get("truncated", 0), degenerate.get("empty", 0)
+    if truncated >= empty:
+        return truncated, (
+            f"{truncated} of {candidates} samples hit max_new_tokens={max_new_tokens} and were dropped as truncated: "
+            "raise max_new_tokens, or set select.keep_truncated: true"
+        )
+    return empty, (
+        f"{empty} of {candidates} samples were empty: the policy ends its reply at once; check that the prompts "
+        "use the template it was trained with"
+    )
+
+
+def keep_warnings(name: str, cfg, best_prompts: int, pairs: int, best_stats: dict, pair_stats: dict) -> list[str]:
+    """Warnings for a best-of-n stage (``cfg``: its BonStage) that kept best rows or pairs for few prompts."""
+    prompts, candidates = best_stats["prompts"], best_stats["candidates"]
+    unusable = degenerate_cause(best_stats["degenerate"], candidates, cfg.max_new_tokens)[1]
+    sel = cfg.select
+    best_causes = [
+        (
+            best_stats["prompts_without_valid"],
+            f"{best_stats['prompts_without_valid']} prompts had no usable sample: {unusable}",
+        ),
+        (
+            best_stats["below_min_score"],
+            f"{best_stats['below_min_score']} best samples scored below select.min_score="
+            f"{sel.min_score}: lower select.min_score",
+        ),
+    ]
+    degenerate_total = sum(best_stats["degenerate"].values())
+    too_few = f"{pair_stats['too_few_valid']} prompts had fewer than 2 usable samples: " + (
+        unusable if degenerate_total else f"n={cfg.n} is too small; raise n"
+    )
+    pair_causes = [
+        (pair_stats["too_few_valid"], too_few),
+        (
+            pair_stats["equal_scores"],
+            f"{pair_stats['equal_scores']} prompts had every usable sample scored the same "
+            "(no preference between them): raise n or temperature, or use a scorer with finer scores",
+        ),
+        (
+            pair_stats["below_min_margin"],
+            f"{pair_stats['below_min_margin']} pairs had a margin below select.min_margin="
+            f"{sel.min_margin}: lower select.min_margin",
+        ),
+    ]
+    found = [
+        keep_checks.keep_warning(f"[{name}] best.jsonl", best_prompts, prompts, best_causes),
+        keep_checks.keep_warning(f"[{name}] pairs.jsonl", pairs, prompts, pair_causes),
+    ]
+    return [w for w in found if w]
+
+
+def memory(recipe, name: str, prompt_tokens: int | None = None):
+    """plan: n samples of batch_size prompts at once, and the reward model when it scores them."""
+    from pipeline.plan.memory import generation_setup
+
+    stage = recipe.stage(name)
+    return generation_setup(
+        recipe,
+        name,
+        prompt_tokens,
+        gen_batch=stage.batch_size * stage.n,
+        gen_prompts=stage.batch_size,
+        new_tokens=stage.max_new_tokens,
+        sampling=stage.temperature > 0,
+        top_p=stage.top_p,
+        scorer=stage.scorer.reward_from is not None,
+        scorer_batch=stage.scorer.batch_size,
+    )
+
+
 KIND = register(
     StageKind(
         name="bon",
         config=BonStage,
         run=run,
+        memory=memory,
+        data_checks=input_files.prompts,
         outputs=("candidates", "best", "pairs"),
         key_metrics=("prompts", "n", "best_rows", "pairs", "tokens_per_s"),
     )

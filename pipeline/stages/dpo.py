@@ -16,11 +16,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipeline import compat
+from pipeline.config import PairsStageConfig, TrainConfig
 from pipeline.config.registry import POLICY, StageKind, register
-from pipeline.config.schema import PairsStageConfig, TrainConfig
-from pipeline.data.preference import prepare_pairs, summary_line
+from pipeline.data.preference.prepare import prepare_pairs, summary_line
 from pipeline.run.context import StageContext
-from pipeline.stages import keep_checks
+from pipeline.stages import input_files, keep_checks
 from pipeline.stages.keep_checks import pair_warnings
 from pipeline.util.errors import PipelineError, RecipeError
 from pipeline.util.files import write_json_atomic
@@ -79,10 +79,10 @@ TRAIN = {
 
 
 def run(ctx: StageContext[DPOStage]) -> dict[str, Any]:
-    from pipeline.train import training
+    from pipeline.train.fit import fit
 
     trainer, summary, setup = build_trainer(ctx)
-    metrics = training.fit(trainer, ctx, base=ctx.model_of(ctx.cfg.policy_from).lineage_base())
+    metrics = fit(trainer, ctx, base=ctx.model_of(ctx.cfg.policy_from).lineage_base())
     history = trainer.state.log_history
     metrics.update(heldout_metrics(history))
     metrics.update(train_metrics(history))
@@ -118,7 +118,8 @@ def build_trainer(ctx: StageContext[DPOStage]):
     from trl import DPOConfig
 
     from pipeline import modeling
-    from pipeline.train import training
+    from pipeline.train.args import trl_args
+    from pipeline.train.batching import length_grouped
 
     cfg, recipe = ctx.cfg, ctx.recipe
     losses = check_losses(cfg, ctx.name)
@@ -127,7 +128,7 @@ def build_trainer(ctx: StageContext[DPOStage]):
     train_ds, eval_ds, summary = prepare_data(ctx, tokenizer)
     # Args before the model: under DeepSpeed ZeRO-3 they make from_pretrained load sharded (zero3_init).
     try:
-        args = training.trl_args(
+        args = trl_args(
             DPOConfig,
             ctx,
             beta=cfg.beta,
@@ -142,7 +143,7 @@ def build_trainer(ctx: StageContext[DPOStage]):
     setup = modeling.load_dpo_models(
         recipe.model, recipe.lora, policy, precompute=cfg.precompute_ref_log_probs, reference=reference
     )
-    trainer = compat.length_grouped(compat.dpo_trainer_class())(
+    trainer = length_grouped(compat.dpo_trainer_class())(
         model=setup.model,
         ref_model=setup.ref_model,
         peft_config=setup.peft_config,
@@ -185,7 +186,7 @@ def check_losses(cfg: DPOStage, stage: str) -> list[str]:
 def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     """Read, lint and split the pairs; save the summary; TRL-shaped datasets for train and eval."""
     from pipeline import modeling
-    from pipeline.train import training
+    from pipeline.train.fit import to_dataset
 
     data = ctx.cfg.data
     keep_checks.check_upstream_output(ctx, data.train, "preference pairs", "pairs")
@@ -212,7 +213,7 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
                 else None
             )
     else:
-        to_ds = training.to_dataset
+        to_ds = to_dataset
     return to_ds(train_records), to_ds(eval_records), summary
 
 
@@ -250,13 +251,32 @@ def margins_series(history: list[dict]) -> dict[str, list[dict]]:
     return {"train": train, "heldout": heldout}
 
 
+def memory(recipe, name: str, prompt_tokens: int | None = None):
+    """plan: chosen + rejected of batch_size pairs, and the frozen reference unless its log-probs are
+    precomputed."""
+    from pipeline.plan.memory import training_setup
+
+    stage = recipe.stage(name)
+    return training_setup(
+        recipe,
+        name,
+        pairs=True,
+        reference=not stage.precompute_ref_log_probs,
+        reference_label="precomputed reference",
+        precompute_change="precompute_ref_log_probs",
+    )
+
+
 KIND = register(
     StageKind(
         name="dpo",
         config=DPOStage,
         run=run,
+        memory=memory,
+        data_checks=input_files.pairs,
         outputs=("model", "margins_plot"),
         key_metrics=("heldout_reward_accuracy", "heldout_reward_margin", "eval_loss", "steps"),
         model_head="causal_lm",
+        plots={"margins_plot": "{name}: DPO reward margins"},
     )
 )

@@ -15,14 +15,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.config import Sources, StageConfig, function_refs
 from pipeline.config.registry import POLICY, REWARD_MODEL, StageKind, register
-from pipeline.config.schema import Sources, StageConfig, function_refs
 from pipeline.data.prompts import stage_prompts
 from pipeline.observe import plots
 from pipeline.rollout import selection
 from pipeline.run.context import StageContext
+from pipeline.stages import input_files
 from pipeline.util.console import stage_progress
 from pipeline.util.files import write_json_atomic, write_jsonl_atomic
+from pipeline.util.text import markdown_table, text_table
 
 
 class EvalStage(StageConfig):
@@ -81,7 +83,6 @@ class EvalStage(StageConfig):
 
 def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     from pipeline import modeling
-    from pipeline.observe.report import policy_rows, text_table
     from pipeline.rollout import generation
     from pipeline.rollout.scoring import load_function, reward_scorer
 
@@ -270,12 +271,94 @@ def _best_of_n(ctx: StageContext[EvalStage], prompts, checks, rm, loaded: dict):
     return metrics, texts, rewards
 
 
+def policy_rows(eval_metrics: dict[str, Any], first_samples: bool = True) -> list[list[str]]:
+    """One row per evaluated policy (and, for best-of-n, its first sample's figures)."""
+    policies = eval_metrics.get("policies", {})
+    keys: list[str] = []
+    for m in policies.values():
+        keys += [k for k, v in m.items() if isinstance(v, (int, float)) and k not in keys and k != "n"]
+    rows = [["policy"] + keys]
+    for name, m in policies.items():
+        rows.append([name] + [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys])
+        first = m.get("first_sample")
+        if first_samples and isinstance(first, dict):
+            rows.append(
+                [f"  {name} (first sample)"]
+                + [f"{first[k]:.3f}" if isinstance(first.get(k), (int, float)) else "" for k in keys]
+            )
+    return rows
+
+
+def tables(metrics: dict[str, Any], detailed: bool) -> dict[str, tuple[str, list[list[str]]]]:
+    """The held-out table (report, console, trackers; trackers take it without the first-sample rows)."""
+    if not isinstance(metrics.get("policies"), dict):
+        return {}
+    title = f"held-out evaluation ({metrics.get('prompts')} prompts, reference {metrics.get('reference')})"
+    return {"policies": (title, policy_rows(metrics, first_samples=detailed))}
+
+
+def headline(metrics: dict[str, Any], figure) -> list[str]:
+    """The trade-off at a glance, opening the report: the frontier plot (``figure(output)`` copies it beside the
+    report and gives its file name) and its points as a table."""
+    data = metrics.get("frontier")
+    plot = figure("frontier") if data else None
+    if not plot:
+        return []
+    rows = [["policy", f"alignment: {data['alignment']}", f"capability: {data['capability']}", "KL to reference"]]
+    rows += [
+        [p["policy"]]
+        + [
+            f"{p[k]:.3f}" if isinstance(p.get(k), (int, float)) else "-"
+            for k in ("alignment", "capability", "kl_to_ref")
+        ]
+        for p in data["points"]
+    ]
+    return [
+        "## Alignment trade-off",
+        "",
+        f"Per policy: alignment (`{data['alignment']}`) against capability kept (`{data['capability']}`) and against "
+        f"KL to the reference `{data['reference']}`. Up and to the right on the left panel, up and to the left on the "
+        "right one, is better.",
+        "",
+        f"![alignment trade-off]({plot})",
+        "",
+        markdown_table(rows),
+        "",
+    ]
+
+
+def memory(recipe, name: str, prompt_tokens: int | None = None):
+    """plan: greedy decoding of batch_size prompts with the reference policy resident; KL samples score
+    batch_size sequences with full logits."""
+    from pipeline.plan.memory import generation_setup
+
+    stage = recipe.stage(name)
+    return generation_setup(
+        recipe,
+        name,
+        prompt_tokens,
+        gen_batch=stage.batch_size,
+        gen_prompts=stage.batch_size,
+        new_tokens=stage.max_new_tokens,
+        sampling=stage.kl_samples > 0,
+        kl_estimate=stage.kl_samples > 0,
+        scorer=stage.reward_from is not None,
+        scorer_batch=stage.batch_size,
+        extra_policies=1,
+    )
+
+
 KIND = register(
     StageKind(
         name="eval",
         config=EvalStage,
         run=run,
+        memory=memory,
+        data_checks=input_files.prompts,
         outputs=("metrics", "responses", "reward_distribution", "frontier"),
         key_metrics=("prompts",),
+        plots={"reward_distribution": "{name}: reward per policy"},
+        tables=tables,
+        headline=headline,
     )
 )

@@ -14,9 +14,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.config import Sources, StageConfig, Strict, TrainConfig, function_ref
 from pipeline.config.registry import POLICY, REWARD_MODEL, StageKind, register
-from pipeline.config.schema import Sources, StageConfig, Strict, TrainConfig, function_ref
 from pipeline.run.context import StageContext
+from pipeline.stages import input_files
 from pipeline.util.errors import PipelineError
 
 
@@ -54,10 +55,10 @@ class GRPOStage(StageConfig):
 
 def run(ctx: StageContext[GRPOStage]) -> dict[str, Any]:
     from pipeline.stages import keep_checks
-    from pipeline.train import training
+    from pipeline.train.fit import fit
 
     trainer, prompt_count = build_trainer(ctx)
-    metrics = training.fit(trainer, ctx, base=ctx.model_of(ctx.cfg.policy_from).lineage_base())
+    metrics = fit(trainer, ctx, base=ctx.model_of(ctx.cfg.policy_from).lineage_base())
     metrics.update(reward_metrics(trainer.state.log_history, ctx.cfg), train_prompts=prompt_count)
     return keep_checks.record(metrics, [], ctx.say)
 
@@ -67,7 +68,8 @@ def build_trainer(ctx: StageContext[GRPOStage]):
 
     from pipeline import modeling
     from pipeline.data.prompts import stage_prompts
-    from pipeline.train import training
+    from pipeline.train.args import trl_args
+    from pipeline.train.fit import to_dataset
 
     cfg, recipe = ctx.cfg, ctx.recipe
     policy = ctx.model_of(cfg.policy_from)
@@ -79,8 +81,8 @@ def build_trainer(ctx: StageContext[GRPOStage]):
             f"({cfg.train.batch_size} prompts); add prompts or lower the batch size"
         )
     funcs, weights = reward_functions(ctx, {p.prompt_id: p.row for p in prompts})
-    dataset = training.to_dataset([{"prompt": p.prompt, "prompt_id": p.prompt_id} for p in prompts])
-    args = training.trl_args(
+    dataset = to_dataset([{"prompt": p.prompt, "prompt_id": p.prompt_id} for p in prompts])
+    args = trl_args(
         GRPOConfig,
         ctx,
         # train.batch_size counts prompts; TRL's counts completions
@@ -164,11 +166,29 @@ def reward_metrics(history: list[dict], cfg: GRPOStage) -> dict[str, Any]:
     return out
 
 
+def memory(recipe, name: str, prompt_tokens: int | None = None):
+    """plan: batch_size prompts x num_generations completions of prompt + max_new_tokens tokens, and the frozen
+    reference when beta > 0."""
+    from pipeline.plan.memory import DEFAULT_PROMPT_TOKENS, training_setup
+
+    stage = recipe.stage(name)
+    return training_setup(
+        recipe,
+        name,
+        group=stage.num_generations,
+        length=(prompt_tokens or DEFAULT_PROMPT_TOKENS) + stage.max_new_tokens,
+        reference=stage.beta > 0,
+        reference_label="no reference (beta 0)",
+    )
+
+
 KIND = register(
     StageKind(
         name="grpo",
         config=GRPOStage,
         run=run,
+        memory=memory,
+        data_checks=input_files.prompts,
         outputs=("model",),
         key_metrics=("reward_mean_first", "reward_mean", "kl", "steps"),
         model_head="causal_lm",

@@ -30,60 +30,6 @@ def keep_warning(subject: str, kept: int, total: int, causes: list[tuple[int, st
     return f"{subject}: kept {kept} of {total} ({kept / total:.0%})" + (f"; {why}" if count else "")
 
 
-def degenerate_cause(degenerate: dict[str, int], candidates: int, max_new_tokens: int) -> tuple[int, str]:
-    """The commoner kind of unusable sample (truncated or empty) and what to do about it."""
-    truncated, empty = degenerate.get("truncated", 0), degenerate.get("empty", 0)
-    if truncated >= empty:
-        return truncated, (
-            f"{truncated} of {candidates} samples hit max_new_tokens={max_new_tokens} and were dropped as truncated: "
-            "raise max_new_tokens, or set select.keep_truncated: true"
-        )
-    return empty, (
-        f"{empty} of {candidates} samples were empty: the policy ends its reply at once; check that the prompts "
-        "use the template it was trained with"
-    )
-
-
-def bon_warnings(name: str, cfg, best_prompts: int, pairs: int, best_stats: dict, pair_stats: dict) -> list[str]:
-    """Warnings for a best-of-n stage (``cfg``: its BonStage) that kept best rows or pairs for few prompts."""
-    prompts, candidates = best_stats["prompts"], best_stats["candidates"]
-    unusable = degenerate_cause(best_stats["degenerate"], candidates, cfg.max_new_tokens)[1]
-    sel = cfg.select
-    best_causes = [
-        (
-            best_stats["prompts_without_valid"],
-            f"{best_stats['prompts_without_valid']} prompts had no usable sample: {unusable}",
-        ),
-        (
-            best_stats["below_min_score"],
-            f"{best_stats['below_min_score']} best samples scored below select.min_score="
-            f"{sel.min_score}: lower select.min_score",
-        ),
-    ]
-    degenerate_total = sum(best_stats["degenerate"].values())
-    too_few = f"{pair_stats['too_few_valid']} prompts had fewer than 2 usable samples: " + (
-        unusable if degenerate_total else f"n={cfg.n} is too small; raise n"
-    )
-    pair_causes = [
-        (pair_stats["too_few_valid"], too_few),
-        (
-            pair_stats["equal_scores"],
-            f"{pair_stats['equal_scores']} prompts had every usable sample scored the same "
-            "(no preference between them): raise n or temperature, or use a scorer with finer scores",
-        ),
-        (
-            pair_stats["below_min_margin"],
-            f"{pair_stats['below_min_margin']} pairs had a margin below select.min_margin="
-            f"{sel.min_margin}: lower select.min_margin",
-        ),
-    ]
-    found = [
-        keep_warning(f"[{name}] best.jsonl", best_prompts, prompts, best_causes),
-        keep_warning(f"[{name}] pairs.jsonl", pairs, prompts, pair_causes),
-    ]
-    return [w for w in found if w]
-
-
 def sft_warnings(name: str, summary: dict[str, Any]) -> list[str]:
     """An SFT stage whose length policy dropped most rows."""
     limit = summary.get("max_length")
@@ -126,7 +72,7 @@ def _split_warnings(name: str, summary: dict[str, Any], unit: str, total_key: st
 
 def _upstream_origin(ctx, source, default_output: str, unit: str, kept: int | None = None) -> str:
     """Where a training stage's input comes from, for its error message."""
-    from pipeline.config.schema import Mixture
+    from pipeline.config import Mixture
 
     if isinstance(source, Mixture):
         return "; ".join(_upstream_origin(ctx, s, default_output, unit, kept) for s in source.sources)
@@ -136,7 +82,8 @@ def _upstream_origin(ctx, source, default_output: str, unit: str, kept: int | No
     if kept is None:
         kept = count_rows(Path(ctx.resolve_source(source, default_output).path))
     entry = ctx.manifest.stage(stage)
-    where = f"{stage}/metrics.json" + (f" select.{output}" if entry.get("kind") == "bon" else "")
+    selected = (entry.get("metrics") or {}).get("select") or {}  # a selecting stage's counts per output
+    where = f"{stage}/metrics.json" + (f" select.{output}" if output in selected else "")
     said = (entry.get("metrics") or {}).get("warnings") or []
     return (
         f"its input is the {output!r} output of stage {stage!r}, which kept {kept} {unit.split()[-1]} (see {where})"
@@ -151,7 +98,7 @@ def count_rows(path: Path) -> int:
 
 def check_upstream_output(ctx, source, unit: str, default_output: str) -> None:
     """An earlier stage's output that holds no rows: say which stage and why, not just 'no rows'."""
-    from pipeline.config.schema import source_list
+    from pipeline.config import source_list
 
     if len(source_list(source)) > 1:  # a mixture may take nothing from an empty source; mix() says when it must
         return

@@ -13,12 +13,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from pipeline import compat
+from pipeline.config import PairsStageConfig, TrainConfig
 from pipeline.config.registry import POLICY, StageKind, register
-from pipeline.config.schema import PairsStageConfig, TrainConfig
-from pipeline.data.preference import prepare_pairs, summary_line
+from pipeline.data.preference.prepare import prepare_pairs, summary_line
 from pipeline.observe import plots
 from pipeline.run.context import StageContext
-from pipeline.stages import keep_checks
+from pipeline.stages import input_files, keep_checks
 from pipeline.util.errors import GateFailed
 from pipeline.util.files import write_json_atomic
 
@@ -37,10 +37,10 @@ class RewardStage(PairsStageConfig):
 
 
 def run(ctx: StageContext[RewardStage]) -> dict[str, Any]:
-    from pipeline.train import training
+    from pipeline.train.fit import fit
 
     trainer, tokenizer, held, base, summary = build_trainer(ctx)
-    metrics = training.fit(trainer, ctx, base=base)
+    metrics = fit(trainer, ctx, base=base)
     if held:
         from pipeline.rollout.scoring import RewardModelScorer
 
@@ -56,7 +56,9 @@ def build_trainer(ctx: StageContext[RewardStage]):
     from trl import RewardConfig, RewardTrainer
 
     from pipeline import modeling
-    from pipeline.train import training
+    from pipeline.train.args import trl_args
+    from pipeline.train.batching import length_grouped
+    from pipeline.train.fit import to_dataset
 
     cfg, recipe = ctx.cfg, ctx.recipe
     init = ctx.model_of(cfg.base_from)
@@ -76,18 +78,18 @@ def build_trainer(ctx: StageContext[RewardStage]):
         ctx, cfg.data.train, len(train), "preference pairs", "pairs"
     )  # before the model loads
     quantized = recipe.model.quantization != "none"
-    args = training.trl_args(
+    args = trl_args(
         RewardConfig,
         ctx,
         max_length=cfg.data.max_length,
         precision=compat.KBIT_REWARD_PRECISION if quantized else None,
     )
     model, base = modeling.load_reward_model(recipe.model, recipe.lora, init=init, work_dir=ctx.stage_dir)
-    trainer = compat.length_grouped(RewardTrainer)(
+    trainer = length_grouped(RewardTrainer)(
         model=model,
         args=args,
-        train_dataset=training.to_dataset(train),
-        eval_dataset=training.to_dataset(held),
+        train_dataset=to_dataset(train),
+        eval_dataset=to_dataset(held),
         processing_class=tokenizer,
     )
     return trainer, tokenizer, held, base, summary
@@ -159,13 +161,23 @@ def _correlation(xs: list[float], ys: list[float]) -> float | None:
     return round(statistics.correlation(xs, ys), 4)
 
 
+def memory(recipe, name: str, prompt_tokens: int | None = None):
+    """plan: the chosen and rejected response of batch_size pairs, through the one-output reward head."""
+    from pipeline.plan.memory import training_setup
+
+    return training_setup(recipe, name, pairs=True)
+
+
 KIND = register(
     StageKind(
         name="reward",
         config=RewardStage,
         run=run,
+        memory=memory,
+        data_checks=input_files.pairs,
         outputs=("model", "reward_histogram"),
         key_metrics=("heldout_accuracy", "heldout_margin_mean", "reward_length_correlation", "steps"),
         model_head="reward",
+        plots={"reward_histogram": "{name}: chosen vs rejected rewards"},
     )
 )

@@ -6,14 +6,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline import compat
+from pipeline.config import SFTDataConfig, StageConfig, TrainConfig, as_mixture
 from pipeline.config.registry import POLICY, StageKind, register
-from pipeline.config.schema import SFTDataConfig, StageConfig, TrainConfig, as_mixture
 from pipeline.data.mixture import Part, mix, summary_lines
 from pipeline.data.sft import Example, apply_length_policy, load_sft_examples, merge_reports
 from pipeline.data.sources import holdout_split
 from pipeline.run.context import StageContext
-from pipeline.stages import keep_checks
+from pipeline.stages import input_files, keep_checks
 from pipeline.util.files import write_json_atomic
 
 
@@ -35,11 +34,11 @@ class SFTStage(StageConfig):
 
 
 def run(ctx: StageContext[SFTStage]) -> dict[str, Any]:
-    from pipeline.train import training
+    from pipeline.train.fit import fit
 
     trainer, summary = build_trainer(ctx)
     init = ctx.model_of(ctx.cfg.init_from)
-    metrics = training.fit(trainer, ctx, base=init.lineage_base() if init else None)
+    metrics = fit(trainer, ctx, base=init.lineage_base() if init else None)
     metrics.update(train_rows=summary["train_rows"], eval_rows=summary["eval"]["kept"] if summary.get("eval") else 0)
     return keep_checks.record(metrics, keep_checks.sft_warnings(ctx.name, summary), ctx.say)
 
@@ -48,14 +47,15 @@ def build_trainer(ctx: StageContext[SFTStage]):
     from trl import SFTConfig, SFTTrainer
 
     from pipeline import modeling
-    from pipeline.train import training
+    from pipeline.train.args import trl_args
+    from pipeline.train.batching import length_grouped
 
     cfg, recipe = ctx.cfg, ctx.recipe
     init = ctx.model_of(cfg.init_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=init.path if init else None)
     train_ds, eval_ds, summary = prepare_data(ctx, tokenizer)
     # Args before the model: under DeepSpeed ZeRO-3 they make from_pretrained load sharded (zero3_init).
-    args = training.trl_args(
+    args = trl_args(
         SFTConfig,
         ctx,
         max_length=cfg.data.max_length,
@@ -63,7 +63,7 @@ def build_trainer(ctx: StageContext[SFTStage]):
         packable=True,
     )
     model = modeling.load_policy(recipe.model, recipe.lora, init=init)
-    trainer = compat.length_grouped(SFTTrainer)(
+    trainer = length_grouped(SFTTrainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
     return trainer, summary
@@ -71,7 +71,7 @@ def build_trainer(ctx: StageContext[SFTStage]):
 
 def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     """Validate, render, apply the length policy per source, mix; save and print the data summary."""
-    from pipeline.train.training import to_dataset
+    from pipeline.train.fit import to_dataset
 
     data = ctx.cfg.data
     keep_checks.check_upstream_output(ctx, data.train, "training rows", "best")
@@ -177,11 +177,20 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def memory(recipe, name: str, prompt_tokens: int | None = None):
+    """plan: batch_size rows of data.max_length tokens."""
+    from pipeline.plan.memory import training_setup
+
+    return training_setup(recipe, name)
+
+
 KIND = register(
     StageKind(
         name="sft",
         config=SFTStage,
         run=run,
+        memory=memory,
+        data_checks=input_files.sft_rows,
         outputs=("model",),
         key_metrics=("eval_loss_before", "eval_loss", "steps", "train_rows"),
         model_head="causal_lm",

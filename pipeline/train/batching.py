@@ -1,7 +1,7 @@
 """How rows become batches: padded, length-grouped or packed, and how much of each batch is real tokens.
 
 ``resolve`` turns the recipe's ``train.batching`` into a mode, ``trainer_args`` into TRL config fields;
-``LengthGroupedBatches`` is the grouped sampler (used through ``compat.length_grouped``); ``TokenCounter``
+``LengthGroupedBatches`` is the grouped sampler, which ``length_grouped`` puts into a trainer class; ``TokenCounter``
 measures ``nonpad_token_share`` from the batches the model is actually fed.
 """
 
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from pipeline import compat
 from pipeline.util.errors import RecipeError
 
 
@@ -69,6 +70,12 @@ class LengthGroupedBatches(Sampler[int]):
                 (full if len(batch) == self.batch_size else partial).append(batch)
         order = torch.randperm(len(full), generator=rng).tolist()
         return iter([i for k in order for i in full[k]] + [i for batch in partial for i in batch])
+
+
+def length_grouped(trainer_cls: type) -> type:
+    """``trainer_cls`` that batches ``LengthGroupedBatches`` when ``train.batching`` is grouped (see
+    ``compat.length_grouped`` for the Trainer internals this overrides)."""
+    return compat.length_grouped(trainer_cls, LengthGroupedBatches)
 
 
 def mode_of(args) -> str:

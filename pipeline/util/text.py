@@ -28,3 +28,17 @@ def raise_collected(problems: list[str], headline: str, error: type[Exception]) 
     """One ``error`` listing every problem under ``headline``; nothing when there are none."""
     if problems:
         raise error(headline + listed(problems))
+
+
+def text_table(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, a rule under the header (rows[0])."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+    return "\n".join(out)

@@ -1,4 +1,5 @@
-"""Prompt templates. Adapters change the shape of rows; templates turn them into text."""
+"""Prompt templates, the built-in ones a recipe names (`template: alpaca | chat`). Adapters change the shape of rows;
+templates turn them into text."""
 
 from __future__ import annotations
 

@@ -1,0 +1,66 @@
+"""The model a recipe trains: name or path, dtype, quantization, LoRA. No torch here."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline import builtin
+from pipeline.config.base import Strict
+
+BUILTIN_TINY_MODEL = builtin.TINY_MODEL
+
+
+class QuantConfig(Strict):
+    """bitsandbytes settings; used only when ``model.quantization`` is 4bit or 8bit."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    # None: bfloat16 on a GPU that supports it, float32 otherwise.
+    compute_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        BUILTIN_TINY_MODEL,
+        description="Hub id, local directory, or 'builtin:tiny-llama' (built locally, offline).",
+    )
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    quant: QuantConfig = QuantConfig()
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a Hub model id, a local directory, or 'builtin:tiny-llama'")
+        return value
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        if builtin.is_builtin(value) and value not in builtin.names():  # torch-free
+            raise ValueError(builtin.unknown(value))
+        return value
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear": every linear layer except the output head (peft's shorthand).
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("give at least one module name, or 'all-linear'")
+        return value
