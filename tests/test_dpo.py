@@ -236,7 +236,7 @@ def test_reference_is_the_frozen_sft_policy(case, sft_runs, pairs, tmp_path, mon
     if expected in ("frozen sft adapter", "adapter disabled"):
         assert out["kind"] == "adapter"
         # the adapter belongs on the SFT policy's base: the SFT model itself for a new LoRA on a full SFT model
-        assert out["base"] == (sft_ref.base if sft_ref.kind == "adapter" else sft_ref.path)
+        assert out["base"] == (sft_ref.base if sft_ref.form == "adapter" else sft_ref.path)
         assert not (Path(out["path"]) / "ref").exists()  # TRL's frozen copy is not part of the output
         assert metrics["trainable_parameters"] < metrics["parameters"] / 2
     else:

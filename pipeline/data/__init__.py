@@ -1,1 +1,1 @@
-"""Data: reading sources, adapting user formats to canonical records, templates. No torch here."""
+"""Data: reading sources, adapting user formats to canonical records, mixtures, linters. No torch here."""

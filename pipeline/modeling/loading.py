@@ -33,20 +33,21 @@ class ModelRef:
     """A saved model: a full model directory, or a LoRA adapter on a base."""
 
     path: str
-    kind: str  # "full" | "adapter"
+    form: str  # "full" | "adapter" (not a stage kind)
     base: str | None = None  # for adapters: the base model path or Hub id
 
     def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "base": self.base}
+        # the manifest keeps the key "kind" that run directories written before this name already hold
+        return {"path": self.path, "kind": self.form, "base": self.base}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelRef:
-        return cls(path=data["path"], kind=data["kind"], base=data.get("base"))
+        return cls(path=data["path"], form=data["kind"], base=data.get("base"))
 
     def lineage_base(self) -> str | None:
         """What a new adapter trained from this model is applied to: an adapter continued from here keeps
         this adapter's base; a new adapter on a full model belongs to that model."""
-        return self.base if self.kind == "adapter" else self.path
+        return self.base if self.form == "adapter" else self.path
 
 
 def resolve_name(name_or_path: str) -> str:
@@ -219,7 +220,7 @@ def load_policy(cfg: ModelConfig, lora: LoraConfig | None, init: ModelRef | None
     """
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    if init is not None and init.kind == "adapter":
+    if init is not None and init.form == "adapter":
         model = load_base(cfg, path=base_path(init))
         if trainable and cfg.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -255,8 +256,8 @@ def saved_ref(model, model_dir: Path, base: str) -> ModelRef:
 
     unwrapped = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
     if isinstance(unwrapped, PeftModel):
-        return ModelRef(path=str(model_dir), kind="adapter", base=base)
-    return ModelRef(path=str(model_dir), kind="full")
+        return ModelRef(path=str(model_dir), form="adapter", base=base)
+    return ModelRef(path=str(model_dir), form="full")
 
 
 def trainable_summary(model) -> dict[str, int]:

@@ -31,7 +31,7 @@ def load_merged(cfg: ModelConfig, ref: ModelRef, head: str = "causal_lm"):
     """
     from peft import PeftModel
 
-    if ref.kind == "full":
+    if ref.form == "full":
         return load_base(cfg, head=head, path=ref.path, quantize=False)
     base = load_base(cfg, head=head, path=base_path(ref), quantize=False)
     try:

@@ -57,7 +57,7 @@ def load_dpo_models(
     (precompute, eval_on_start); TRL's 'ref' adapter reuses those layers and creates none.
     """
     ref_model = _reference_model(cfg, reference) if reference is not None else None
-    if sft.kind == "adapter":
+    if sft.form == "adapter":
         policy = load_policy(cfg, lora, init=sft, trainable=True)
         return DPOModels(policy, ref_model, None, "frozen reference_from model" if ref_model else "frozen sft adapter")
     if lora is not None:

@@ -28,7 +28,7 @@ def load_reward_model(
     if init is not None:
         path = (
             init.path
-            if init.kind == "full"
+            if init.form == "full"
             else str(merge_to_full(init, cfg, (work_dir or Path(init.path).parent) / "merged_init"))
         )
     model = load_base(cfg, head="reward", path=path)
@@ -43,7 +43,7 @@ def load_trained_reward_model(cfg: ModelConfig, ref: ModelRef, device=None):
     """A reward model a reward stage saved (full classifier, or adapter + score head on its base), frozen."""
     from peft import PeftModel
 
-    if ref.kind == "adapter":
+    if ref.form == "adapter":
         model = PeftModel.from_pretrained(load_base(cfg, head="reward", path=base_path(ref)), ref.path)
     else:
         model = load_base(cfg, head="reward", path=ref.path)

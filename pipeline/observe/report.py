@@ -4,6 +4,7 @@ and the results table ``pipeline run`` prints at the end."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,28 +59,26 @@ def stage_rows(manifest: dict[str, Any], names: list[str], warnings_inline: bool
     return rows
 
 
+def _hooked(manifest: dict[str, Any], names: list[str], hook: str) -> Iterator[tuple[str, dict, Callable, dict]]:
+    """(name, entry, the kind's ``hook``, full metrics) of each finished stage whose kind has that hook."""
+    for name in names:
+        entry = manifest["stages"].get(name, {})
+        found = getattr(_kind(entry), hook, None)
+        if found is not None and entry.get("status") == "done":
+            path = entry.get("outputs", {}).get("metrics")  # a kind's own metrics file holds more than the manifest
+            metrics = json.loads(Path(path).read_text()) if path and Path(path).is_file() else entry.get("metrics")
+            yield name, entry, found, metrics or {}
+
+
 def stage_tables(
     manifest: dict[str, Any], names: list[str], detailed: bool = True
 ) -> list[tuple[str, list[list[str]]]]:
     """(title, rows) of every table the finished stages' kinds make of their metrics (e.g. eval's policies)."""
-    found = []
-    for name in names:
-        entry = manifest["stages"].get(name, {})
-        kind = _kind(entry)
-        metrics = _metrics_file(entry)
-        if kind is not None and kind.tables is not None and metrics is not None:
-            found += list(kind.tables(metrics, detailed).values())
-    return found
-
-
-def _metrics_file(entry: dict[str, Any]) -> dict[str, Any] | None:
-    """A done stage's full metrics: its ``metrics`` output file when it wrote one, else the manifest's copy."""
-    if entry.get("status") not in ("done", "cached"):
-        return None
-    path = entry.get("outputs", {}).get("metrics")
-    if path and Path(path).is_file():
-        return json.loads(Path(path).read_text())
-    return entry.get("metrics") or {}
+    return [
+        table
+        for _, _, tables, metrics in _hooked(manifest, names, "tables")
+        for table in tables(metrics, detailed).values()
+    ]
 
 
 def warning_lines(manifest: dict[str, Any], names: list[str]) -> list[str]:
@@ -103,14 +102,8 @@ def results_table(manifest: dict[str, Any], names: list[str]) -> str:
 def _headlines(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[str]:
     """What the finished stages' kinds put at the top of the report (e.g. eval's alignment trade-off)."""
     parts = []
-    for name in names:
-        entry = manifest["stages"].get(name, {})
-        kind = _kind(entry)
-        metrics = _metrics_file(entry)
-        if kind is not None and kind.headline is not None and metrics is not None:
-            parts += kind.headline(
-                metrics, lambda output, entry=entry, name=name: _copy_plot(run_dir, name, entry, output)
-            )
+    for name, entry, headline, metrics in _hooked(manifest, names, "headline"):
+        parts += headline(metrics, lambda output, entry=entry, name=name: _copy_plot(run_dir, name, entry, output))
     return parts
 
 

@@ -61,7 +61,7 @@ def _training_changes(recipe: Recipe, name: str, s: Setup, dist: Distribution) -
     if s.precompute_change and s.reference == "copy":
         setting = s.precompute_change
         out.append((f"{setting} (no reference model during training)", [f"{key}.{setting}=true"], dist))
-    if dist.kind != "zero3" and model.quantization == "none":
+    if dist.strategy != "zero3" and model.quantization == "none":
         n = dist.processes if dist.processes > 1 else 8
         out.append(
             (

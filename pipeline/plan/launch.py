@@ -13,7 +13,7 @@ from pipeline.util.errors import PipelineError
 
 @dataclass(frozen=True)
 class Distribution:
-    kind: str = "single"  # single | ddp | zero1 | zero2 | zero3 | fsdp
+    strategy: str = "single"  # single | ddp | zero1 | zero2 | zero3 | fsdp
     processes: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -23,7 +23,7 @@ class Distribution:
     def describe(self) -> str:
         extra = " + optimizer offload" if self.offload_optimizer else ""
         extra += " + parameter offload" if self.offload_params else ""
-        return f"{self.kind} x{self.processes}{extra}" if self.kind != "single" else "1 process"
+        return f"{self.strategy} x{self.processes}{extra}" if self.strategy != "single" else "1 process"
 
     @property
     def multi_process(self) -> bool:
@@ -44,22 +44,22 @@ def launch_settings(path: str) -> dict[str, Any]:
 def read_launch(path: str | None, processes: int | None = None) -> Distribution:
     """How a stage is launched: the accelerate config (``launch:`` or --launch), --num-processes overriding it."""
     if not path:
-        return Distribution(kind="ddp" if (processes or 1) > 1 else "single", processes=processes or 1)
+        return Distribution(strategy="ddp" if (processes or 1) > 1 else "single", processes=processes or 1)
     settings = launch_settings(path)
     n = processes or int(settings.get("num_processes", 1) or 1)
-    kind = str(settings.get("distributed_type", "NO")).upper()
+    distributed_type = str(settings.get("distributed_type", "NO")).upper()
     ds = settings.get("deepspeed_config") or {}
     fsdp = settings.get("fsdp_config") or {}
-    if kind == "DEEPSPEED":
+    if distributed_type == "DEEPSPEED":
         return Distribution(
             f"zero{int(ds.get('zero_stage', 2))}",
             n,
             str(ds.get("offload_optimizer_device", "none")) != "none",
             str(ds.get("offload_param_device", "none")) != "none",
             path,
-            kind,
+            distributed_type,
         )
-    if kind == "FSDP":
+    if distributed_type == "FSDP":
         offload = bool(fsdp.get("fsdp_offload_params"))
-        return Distribution("fsdp", n, offload, offload, path, kind)
-    return Distribution("ddp" if n > 1 else "single", n, source=path, distributed_type=kind)
+        return Distribution("fsdp", n, offload, offload, path, distributed_type)
+    return Distribution("ddp" if n > 1 else "single", n, source=path, distributed_type=distributed_type)

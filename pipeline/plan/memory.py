@@ -202,7 +202,7 @@ def trainable_tensors(shape: ModelShape, s: Setup, dist: Distribution) -> list[T
     if s.lora is not None:
         return lora_tensors(shape, s.lora) + saved_module_tensors(shape, s.lora, s)
     # FSDP2 (accelerate) upcasts trainable parameters to fp32 master weights before sharding
-    b = 4 if dist.kind == "fsdp" else s.weight_bytes
+    b = 4 if dist.strategy == "fsdp" else s.weight_bytes
     tensors = [Tensor(x.in_features * x.out_features, x.out_features, b) for x in shape.linears]
     tensors.append(Tensor(shape.embedding, shape.vocab, b, embedding=True))
     if shape.head:
@@ -333,7 +333,7 @@ def training_weight_terms(shape: ModelShape, s: Setup, dist: Distribution) -> di
         weights["LoRA adapter (fp32)"] = sum(t.numel * t.bytes for t in lora_tensors(shape, s.lora))
         saved = sum(t.numel * t.bytes for t in saved_module_tensors(shape, s.lora, s))
         weights["trainable copies of modules_to_save"] = saved
-    elif dist.kind == "fsdp":  # trainable weights were upcast to fp32
+    elif dist.strategy == "fsdp":  # trainable weights were upcast to fp32
         weights = {"weights (fp32 master, upcast by FSDP)": shape.total * 4}
     if s.reference == "copy":
         weights["reference model (frozen full copy)"] = shape.total * s.weight_bytes
@@ -347,47 +347,47 @@ def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict
     """(terms at the peak, other terms, peak phase, notes) of one optimizer step of a training stage."""
     spec = optim_spec(s.optim)
     tensors = trainable_tensors(shape, s, dist)
-    n, deepspeed = dist.processes, dist.kind.startswith("zero")
+    n, deepspeed = dist.processes, dist.strategy.startswith("zero")
     grads = sum(t.numel * t.bytes for t in tensors)
     n_train = sum(t.numel for t in tensors)
     notes: list[str] = []
     weights = training_weight_terms(shape, s, dist)
     master = deepspeed and s.weight_bytes < 4  # DeepSpeed's optimizer steps an fp32 master copy
     fixed: dict[str, int] = {}
-    states = optimizer_state_bytes(spec, tensors, master_fp32=master or dist.kind == "fsdp")
+    states = optimizer_state_bytes(spec, tensors, master_fp32=master or dist.strategy == "fsdp")
     opt_label = f"optimizer states ({s.optim}, {count(n_train)} trainable)"
     if master:
         fixed["fp32 master weights (DeepSpeed)"] = 4 * n_train
     fixed[opt_label] = states
     step_temp = states // max(spec.states, 1) if spec.foreach_temp and not deepspeed else 0
     gathered = 0
-    if deepspeed or dist.kind == "fsdp":
+    if deepspeed or dist.strategy == "fsdp":
         fixed = _shard(fixed, n, "sharded") if not dist.offload_optimizer else {}
         if dist.offload_optimizer:
             notes.append("optimizer states and fp32 master weights live in CPU RAM (offload)")
-        if dist.kind in ("zero3", "fsdp"):
+        if dist.strategy in ("zero3", "fsdp"):
             weights = {} if dist.offload_params else _shard(weights, n, "sharded")
             # the layer being computed and the next one, gathered in 16 bits
             gathered = 2 * shape.layer_params * 2
-        if dist.kind != "zero1":
+        if dist.strategy != "zero1":
             grads //= n
         step_temp //= n
     fixed.update(weights)
     if gathered:
         fixed["gathered parameters: current + prefetched layer (bf16)"] = gathered
-    if dist.kind == "ddp":
+    if dist.strategy == "ddp":
         fixed["DDP gradient buckets (a copy of the gradients)"] = grads
     fixed["CUDA context + allocator allowance"] = CUDA_CONTEXT_BYTES
     fwd_bwd = activation_terms(shape, s)
     fwd_bwd.update(head_terms(shape, s, head_trainable=s.lora is None, fused=trl_fuses_lm_head()))
     step = {
         "gradients"
-        + (f" / {n} (sharded)" if (deepspeed and dist.kind != "zero1") or dist.kind == "fsdp" else ""): grads
+        + (f" / {n} (sharded)" if (deepspeed and dist.strategy != "zero1") or dist.strategy == "fsdp" else ""): grads
     }
     if step_temp:
         step["AdamW foreach temporary (one state-sized buffer during the step)"] = step_temp
-    if master and dist.kind != "zero3":
-        step["fp32 gradient partition (DeepSpeed step)"] = 4 * n_train // (n if dist.kind != "zero1" else 1)
+    if master and dist.strategy != "zero3":
+        step["fp32 gradient partition (DeepSpeed step)"] = 4 * n_train // (n if dist.strategy != "zero1" else 1)
     step_grads = {k: v for k, v in step.items() if k.startswith("gradients")}
     if s.grad_accum > 1:  # accumulated gradients are held through the next micro-batch's forward and backward
         fwd_bwd.update(step_grads)

@@ -74,7 +74,7 @@ def plan_stage(
     if s.training:
         shape = shape_of(s.head)
         terms, other, phase, notes = training_plan(shape, s, dist)
-        if s.quantization == "4bit" and dist.kind == "zero3":
+        if s.quantization == "4bit" and dist.strategy == "zero3":
             notes.append("4-bit QLoRA under ZeRO-3 is not supported by this pipeline (see README)")
         if s.optim.startswith("paged_"):
             notes.append(

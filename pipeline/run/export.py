@@ -33,7 +33,7 @@ def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> d
     head = (kind.model_head if kind else None) or "causal_lm"
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    if ref.kind == "full":
+    if ref.form == "full":
         shutil.copytree(ref.path, tmp)
         merged = False
     else:
