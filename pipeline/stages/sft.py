@@ -141,22 +141,17 @@ def check_conversations(tokenizer, model_name: str, parts) -> None:
 
 def token_counter(tokenizer, template: str):
     """(prompt tokens, total tokens incl. EOS) for an example, as the trainer will tokenize it."""
+    from pipeline.modeling.chat import chat_ids
 
     def count(ex: Example) -> tuple[int, int]:
         if template == "chat":
-            prompt = tokenizer.apply_chat_template(ex.prompt, tokenize=True, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(ex.prompt + ex.completion, tokenize=True)
-            prompt, full = _ids(prompt), _ids(full)
-            return len(prompt), len(full)
+            prompt = chat_ids(tokenizer, ex.prompt, add_generation_prompt=True)
+            return len(prompt), len(chat_ids(tokenizer, ex.prompt + ex.completion))
         prompt = tokenizer(ex.prompt)["input_ids"]  # as TRL tokenizes text prompts
         full = tokenizer(ex.prompt + ex.completion)["input_ids"]
         return len(prompt), len(full) + 1
 
     return count
-
-
-def _ids(out) -> list[int]:
-    return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
 
 
 def format_summary(summary: dict[str, Any]) -> str:
