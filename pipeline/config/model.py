@@ -33,6 +33,21 @@ class ModelConfig(Strict):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    chat_template_kwargs: dict[str, str | int | float | bool | None] = Field(
+        {},
+        description="Variables the chat template reads, the same for every render in every stage (training, "
+        "sampling, evaluation), e.g. {enable_thinking: false} for Qwen3 / SmolLM3 without thinking; "
+        "{date_string: '26 Jul 2024'} fixes a date-stamped template's date (by default a run fixes the date it "
+        "started on, so every stage renders the same prompt).",
+    )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in value if not k.isidentifier()]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a template variable name (letters, digits, _)")
+        return value
 
     @field_validator("name_or_path")
     @classmethod

@@ -9,9 +9,64 @@ renders, counts and stops, so the sampler, the scorer and the data checks all ag
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Any
+
 from pipeline.util.errors import PipelineError
 
 PROBE_REPLY = "PROBEREPLY"  # a reply whose rendering shows what the template writes after an assistant turn
+
+
+# The defaults a recipe gives the chat template (model.chat_template_kwargs, the run's fixed date) are written
+# into the template itself, between these markers, so every render -- ours, TRL's trainers', a later stage's --
+# sees the same values without each caller passing them. A caller that passes a value still wins.
+DEFAULTS_BEGIN = "{#- pipeline: recipe defaults #}"
+DEFAULTS_END = "{#- pipeline: end of recipe defaults #}"
+# Set by the run for date-stamped templates (Llama-3.x: "Today Date: ..."), not by the recipe: only written
+# into templates that read it.
+RUN_DATE_VARIABLE = "date_string"
+
+
+def _jinja_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    return json.dumps(value)  # numbers and double-quoted strings read the same in Jinja
+
+
+def strip_template_defaults(template: str) -> str:
+    """The template as released: without the defaults a run wrote into it."""
+    if template.startswith(DEFAULTS_BEGIN) and DEFAULTS_END in template:
+        return template.split(DEFAULTS_END, 1)[1]
+    return template
+
+
+def template_variables(template: str) -> set[str]:
+    """Names a Jinja template reads (a superset: every identifier in its code blocks)."""
+    code = " ".join(re.findall(r"{[{%](.*?)[}%]}", template, flags=re.S))
+    return set(re.findall(r"[A-Za-z_]\w*", code))
+
+
+def with_template_defaults(template: str, defaults: dict[str, Any], model_name: str) -> str:
+    """``template`` reading ``defaults`` for every variable a caller leaves out. A recipe key the template
+    never reads is an error (it would silently change nothing); the run's date is written only where read."""
+    template = strip_template_defaults(template)
+    reads = template_variables(template)
+    unused = sorted(k for k in defaults if k not in reads and k != RUN_DATE_VARIABLE)
+    if unused:
+        raise PipelineError(
+            f"model.chat_template_kwargs: the chat template of {model_name!r} never reads {', '.join(map(repr, unused))}, "
+            "so setting it would change nothing; remove it (thinking switches such as enable_thinking exist only in "
+            "templates that have a thinking mode: Qwen3, SmolLM3, ...)"
+        )
+    sets = [
+        f"{{%- if {name} is not defined %}}{{%- set {name} = {_jinja_literal(value)} %}}{{%- endif %}}"
+        for name, value in sorted(defaults.items())
+        if name in reads
+    ]
+    return DEFAULTS_BEGIN + "".join(sets) + DEFAULTS_END + template if sets else template
 
 
 def require_chat_template(tokenizer, model_name: str) -> None:
@@ -94,3 +149,26 @@ def stop_ids(model, tokenizer, chat: bool) -> list[int]:
     if chat:
         ids.update(end_of_turn_ids(tokenizer))
     return sorted(i for i in ids if i is not None)
+
+
+def strip_saved_template_defaults(model_dir) -> bool:
+    """Give a saved tokenizer its chat template as released (``export``: a model leaves the run without the run's
+    date or the recipe's defaults baked in; its card says which it was trained with). True when one was stripped."""
+    from pathlib import Path
+
+    stripped = False
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        text = jinja.read_text(encoding="utf-8")
+        if strip_template_defaults(text) != text:
+            jinja.write_text(strip_template_defaults(text), encoding="utf-8")
+            stripped = True
+    config = Path(model_dir) / "tokenizer_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        template = data.get("chat_template")
+        if isinstance(template, str) and strip_template_defaults(template) != template:
+            data["chat_template"] = strip_template_defaults(template)
+            config.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+            stripped = True
+    return stripped

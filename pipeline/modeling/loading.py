@@ -88,7 +88,11 @@ def cannot_load(what: str, source: str, exc: OSError) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str = "right"):
+    """The tokenizer, its chat template reading the recipe's ``chat_template_kwargs`` (with the run's fixed date,
+    see ``pipeline.run.context``) wherever a caller does not pass them."""
     from transformers import AutoTokenizer
+
+    from pipeline.modeling.chat import RUN_DATE_VARIABLE, with_template_defaults
 
     source = path or resolve_name(cfg.name_or_path)
     try:
@@ -97,6 +101,10 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str 
         )
     except OSError as exc:
         raise PipelineError(cannot_load("tokenizer", source, exc)) from None
+    if getattr(tok, "chat_template", None) and cfg.chat_template_kwargs:
+        tok.chat_template = with_template_defaults(tok.chat_template, cfg.chat_template_kwargs, cfg.name_or_path)
+    elif set(cfg.chat_template_kwargs) - {RUN_DATE_VARIABLE}:
+        raise PipelineError(f"model.chat_template_kwargs is set but the tokenizer of {source!r} has no chat template")
     if tok.pad_token is None:
         # Padding positions are masked out of the loss and attention, so reusing EOS is safe.
         tok.pad_token = tok.eos_token or tok.unk_token

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import registry
+from pipeline.modeling.chat import strip_saved_template_defaults
 from pipeline.run.manifest import MANIFEST, Manifest, now
 from pipeline.util.errors import PipelineError
 from pipeline.util.files import write_json_atomic
@@ -53,6 +54,7 @@ def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> d
         tokenizer = modeling.load_tokenizer(cfg, path=source)
         tokenizer.save_pretrained(str(tmp))
         merged = True
+    strip_saved_template_defaults(tmp)
     info = {
         "run_dir": str(run_dir),
         "stage": stage,

@@ -80,6 +80,19 @@ class Manifest:
             "checkpoints and shards already in the run directory."
         )
 
+    def run_date(self) -> str:
+        """The date this run directory renders date-stamped chat templates with ("05 Dec 2026", the form Llama-3's
+        template prints), fixed the first time it is asked: a run that goes on past midnight, or is resumed next
+        week, renders every prompt as on the day it started, so caches, reference log-probs and shards stay valid."""
+        data = self.read()
+        if "run_date" not in data:
+            data["run_date"] = time.strftime("%d %b %Y")
+            if self.path.is_file() and _load(self.path)[1] is None:
+                write_text_atomic(self.backup, self.path.read_text())
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, data)
+        return data["run_date"]
+
     def stage(self, name: str) -> dict[str, Any]:
         return self.read()["stages"].get(name, {})
 

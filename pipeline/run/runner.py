@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Recipe, registry
+from pipeline.modeling.chat import RUN_DATE_VARIABLE
 from pipeline.plan.launch import read_launch
 from pipeline.run.context import StageContext, not_done
 from pipeline.run.manifest import Manifest, git_commit, now, package_versions, stage_hash
@@ -67,7 +68,7 @@ def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
     state = distributed_state()
     cfg = recipe.stage(name)
     return StageContext(
-        recipe=recipe,
+        recipe=with_run_date(recipe, Manifest(run_dir).run_date()),
         name=name,
         cfg=cfg,
         run_dir=run_dir,
@@ -79,6 +80,16 @@ def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
         show_progress=sys.stderr.isatty(),
         device=state.device,
     )
+
+
+def with_run_date(recipe: Recipe, date: str) -> Recipe:
+    """The recipe as its stages see it: a date-stamped chat template reads the run's date unless the recipe gives
+    one (model.chat_template_kwargs.date_string). Stage hashes are taken from the recipe as written."""
+    kwargs = recipe.model.chat_template_kwargs
+    if RUN_DATE_VARIABLE in kwargs:
+        return recipe
+    model = recipe.model.model_copy(update={"chat_template_kwargs": {**kwargs, RUN_DATE_VARIABLE: date}})
+    return recipe.model_copy(update={"model": model})
 
 
 def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
@@ -248,6 +259,7 @@ def run_pipeline(
     separate = launch.multi_process()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
+    Manifest(run_dir).run_date()  # fixed here, before any stage (or process) renders a prompt
     for name in names:
         if is_cached(recipe, name, run_dir):
             say(f"[{name}] cached: same settings, data and upstream as the finished run; skipped")
