@@ -48,9 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check a recipe and print it resolved")
+    p = sub.add_parser(
+        "validate",
+        help="check a recipe and print it resolved",
+        description="Check everything that needs no model weights: the recipe, every local data file row by row, "
+        "the model's tokenizer files and chat template, checkers and reward functions (imported, callable as "
+        "fn(row, response)), LoRA target modules (against the model's config.json), and, when the run directory "
+        "exists, that the models its stages exchange texts or token ids with share a tokenizer.",
+    )
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("--output-dir", help="the run directory to check against (default: the recipe's)")
 
     p = sub.add_parser(
         "plan",
@@ -103,11 +111,41 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "verbose", False):  # an environment variable, so the processes accelerate launches see it too
         os.environ[VERBOSE_ENV] = "1"
     quiet_early()
+    from pipeline.util import signals
+
     try:
+        if args.command in ("run", "stage"):  # Ctrl-C and SIGTERM: one line; on SIGTERM a checkpoint first
+            with signals.handled():
+                return _dispatch(args)
         return _dispatch(args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        return _interrupted(args, exc, argv)
+
+
+def _interrupted(args, exc: KeyboardInterrupt, argv: list[str] | None) -> int:
+    """One line: what was interrupted, what is kept, how to resume; exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    import shlex
+
+    from pipeline.util.errors import Interrupted
+
+    interrupted = Interrupted.of(exc)
+    if args.command not in ("run", "stage"):
+        print(f"\n{interrupted.signal_name}: {args.command} stopped", file=sys.stderr)
+        return interrupted.exit_code
+    command = "python -m pipeline " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if interrupted.stage is None:
+        print(f"\n{interrupted.signal_name}: stopped before any stage started; rerun: {command}", file=sys.stderr)
+        return interrupted.exit_code
+    kept = f"{interrupted.checkpoint} saved" if interrupted.checkpoint else "its finished checkpoints and shards kept"
+    print(
+        f"\n{interrupted.signal_name}: stage {interrupted.stage!r} interrupted and recorded so ({kept}); finished "
+        f"stages stay done. To resume, run the same command again: {command}",
+        file=sys.stderr,
+    )
+    return interrupted.exit_code
 
 
 def _dispatch(args) -> int:
@@ -115,12 +153,8 @@ def _dispatch(args) -> int:
 
     if args.command == "validate":
         recipe = load_recipe(args.recipe, args.overrides)
-        _preflight(recipe, args.recipe, list(recipe.stages))
-        from pipeline.run.preflight import data_problems
-
-        problems = data_problems(recipe)  # every local file read and checked row by row, as its stage will
-        if problems:
-            raise PipelineError(f"{args.recipe}: bad data:\n" + "\n".join(problems))
+        run_dir = recipe.output_path(args.output_dir)  # when it exists: its models are checked as a run would use them
+        _preflight(recipe, args.recipe, list(recipe.stages), run_dir if run_dir.is_dir() else None, check_cache=True)
         print(recipe.resolved_yaml(), end="")
         print(
             f"# ok: {args.recipe} is valid ({len(recipe.stages)} stage(s): {', '.join(recipe.stages)})", file=sys.stderr
@@ -141,12 +175,22 @@ def _dispatch(args) -> int:
     recipe_path = args.recipe or default_recipe()
     recipe = load_recipe(recipe_path, args.overrides)
     run_dir = recipe.output_path(args.output_dir)
+    problem = run_dir_problem(run_dir, "--output-dir" if args.output_dir else "output_dir" if recipe.output_dir else "")
+    if problem:
+        raise PipelineError(problem)
+
+    from pipeline.run.runner import is_cached
 
     if args.command == "stage":
         recipe.stage(args.name)  # an unknown name fails here
         stages = [args.name]
     else:
-        stages = _stages_to_run(args, recipe, recipe_path)
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(recipe.stages)
+        for name in stages:
+            recipe.stage(name)
+    to_run = [name for name in stages if not is_cached(recipe, name, run_dir)]
+    if args.command == "run":  # all that needs no model weights, for the stages that will run, before the first
+        _preflight(recipe, recipe_path, stages, run_dir, to_run)
     from pipeline.observe.tracking import check_online
     from pipeline.run.lock import run_dir_lock
 
@@ -154,9 +198,6 @@ def _dispatch(args) -> int:
     from pipeline.run.preflight import hub_data_problem, hub_model_problem
 
     # a Hub model or dataset that cannot be fetched: now, not after minutes of retries inside a stage
-    from pipeline.run.runner import is_cached
-
-    to_run = [name for name in stages if not is_cached(recipe, name, run_dir)]
     problem = hub_model_problem(recipe) or hub_data_problem(recipe, to_run)
     if problem:
         raise PipelineError(f"{recipe_path}: {problem}")
@@ -170,31 +211,62 @@ def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _stages_to_run(args, recipe, recipe_path) -> list[str]:
-    """The stages ``run`` will run, their data files and the model checked before anything heavy runs."""
+def run_dir_problem(run_dir: Path, key: str) -> str | None:
+    """A run directory that cannot be one: a file, under a file, or where nothing can be written. ``key`` is where
+    it was given (--output-dir, output_dir, or '' for the default runs/<name>)."""
+    given = f"{key} {run_dir}" if key else f"the run directory {run_dir} (default runs/<name>; set --output-dir)"
+    if run_dir.exists() and not run_dir.is_dir():
+        return (
+            f"{given} is a file, not a directory; give a directory for the run (it is created when missing), "
+            f"e.g. --output-dir {run_dir.with_name(run_dir.name + '-run')}"
+        )
+    for parent in run_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{given}: {parent} is a file, so no directory can be created under it; choose another path"
+            if not run_dir.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                return f"{given}: cannot create it in {parent} (permission denied); choose a writable path"
+            break
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK | os.X_OK):
+        return f"{given}: cannot write in {run_dir} (permission denied); choose a writable path"
+    return None
 
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else list(recipe.stages)
-    for name in stages:
-        recipe.stage(name)
-    _preflight(recipe, recipe_path, stages)
-    return stages
 
-
-def _preflight(recipe, recipe_path, stages: list[str]) -> None:
-    """What ``validate`` and ``run`` check before anything heavy runs: the stages' data files exist, and the
-    model's tokenizer files and chat template are readable (without torch)."""
+def _preflight(
+    recipe,
+    recipe_path,
+    stages: list[str],
+    run_dir: Path | None,
+    to_run: list[str] | None = None,
+    check_cache: bool = False,
+) -> None:
+    """What ``validate`` checks, and ``run`` for the stages it will run (``to_run``: not cached) before the first
+    starts -- everything that needs no model weights: the data files exist and parse row by row as their stages
+    read them, the model's tokenizer files and chat template, checkers and reward functions import and take
+    (row, response), LoRA targets exist in the model (meta device), and models the stages exchange texts or token
+    ids between share a tokenizer (``check_cache``: the stages a plain run into ``run_dir`` would run). Every
+    problem found is reported at once."""
     from pipeline.config import missing_data_files
-    from pipeline.run.preflight import model_problems
+    from pipeline.run import preflight
 
     missing = missing_data_files(recipe, stages)
     if missing:
         raise PipelineError(
-            f"{recipe_path}: data files not found (relative paths are relative to the recipe file):\n  "
+            f"{recipe_path}: data files missing or not files (relative paths are relative to the recipe file):\n  "
             + "\n  ".join(missing)
         )
-    problems = model_problems(recipe)
+    to_run = stages if to_run is None else to_run
+    problems = [
+        *preflight.model_problems(recipe),
+        *(preflight.lora_problems(recipe) if to_run else []),
+        *preflight.function_problems(recipe, to_run),
+        *(preflight.tokenizer_problems(recipe, run_dir, None if check_cache else to_run) if run_dir else []),
+    ]
     if problems:
         raise PipelineError(f"{recipe_path}: " + "\n  ".join(problems))
+    bad_data = preflight.data_problems(recipe, to_run) if to_run else []  # each local file read as its stage will
+    if bad_data:
+        raise PipelineError(f"{recipe_path}: bad data:\n" + "\n".join(bad_data))
 
 
 def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -> int:
@@ -206,7 +278,6 @@ def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -
     if not torch.cuda.is_available():
         # DeepSpeed would otherwise warn on every import that it fell back to the CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from pipeline.observe import report
     from pipeline.run import runner
 
     if args.command == "stage":
@@ -215,12 +286,23 @@ def _run_or_stage(args, recipe, recipe_path, run_dir: Path, stages: list[str]) -
     launch = runner.Launch(config=args.launch or recipe.launch, recipe_path=str(recipe_path), overrides=args.overrides)
     try:
         runner.run_pipeline(recipe, run_dir, stages, launch=launch)
-    finally:
-        from pipeline.run.manifest import Manifest
+    except KeyboardInterrupt:  # report.md still says where the run stands; the console gets one line (main)
+        _report(run_dir, stages, show=False)
+        raise
+    except BaseException:
+        _report(run_dir, stages, show=True)
+        raise
+    _report(run_dir, stages, show=True)
+    return 0
 
-        if Manifest(run_dir).path.is_file():
-            final = Manifest(run_dir).read()
-            report_path = report.write_report(run_dir, final, stages)
+
+def _report(run_dir: Path, stages: list[str], show: bool) -> None:
+    from pipeline.observe import report
+    from pipeline.run.manifest import Manifest
+
+    if Manifest(run_dir).path.is_file():
+        final = Manifest(run_dir).read()
+        report_path = report.write_report(run_dir, final, stages)
+        if show:
             print("\n" + report.results_table(final, stages))
             print(f"\nreport: {report_path}\nrun directory: {run_dir}")
-    return 0

@@ -35,7 +35,7 @@ class Case:
     id: str
     build: Callable[[Path], list[str]]
     expect: tuple[str, ...]
-    env: dict = field(default_factory=dict)
+    env: dict | Callable[[Path], dict] = field(default_factory=dict)  # or env(tmp)
 
 
 def recipe(tmp: Path, extra: dict | None = None, drop: tuple[str, ...] = (), text: str | None = None) -> str:
@@ -229,6 +229,135 @@ RECIPE_CASES = [
     ),
 ]
 
+DUPLICATE_STAGE = f"""name: t
+model: {{name_or_path: "builtin:tiny-llama"}}
+stages:
+  sft:
+    kind: sft
+    data: {{train: {{path: {SFT}}}}}
+  sft:
+    kind: sft
+    data: {{train: {{path: {SFT}}}, max_length: 64}}
+"""
+
+
+def checker_module(source: str, ref: str, where: str = "scorer") -> Callable[[Path], list[str]]:
+    """validate a bon stage whose checker (``where``: scorer or report) is ``ref`` in a module written to tmp."""
+
+    def build(tmp: Path) -> list[str]:
+        (tmp / "user_checks.py").write_text(source)
+        body = {**BON, "scorer": {"checker": ref}} if where == "scorer" else {**BON, "report": {"mine": ref}}
+        return ["validate", recipe(tmp, {"stages": {"label": body}})]
+
+    return build
+
+
+def on_pythonpath(tmp: Path) -> dict:
+    return {"PYTHONPATH": str(tmp)}
+
+
+def data_path_kind(make: Callable[[Path], Path]) -> Callable[[Path], list[str]]:
+    def build(tmp: Path) -> list[str]:
+        return ["validate", recipe(tmp, {"stages": {"sft": {"data": {"train": {"path": str(make(tmp))}}}}})]
+
+    return build
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+GRPO = {
+    "kind": "grpo",
+    "policy_from": "sft",
+    "prompts": {"path": str(PROMPTS)},
+    "rewards": {"acc": {"checker": "no_such_rewards:accuracy"}},
+}
+EVAL = {"kind": "eval", "prompts": {"path": str(PROMPTS)}, "policies": ["sft"], "reference": "sft"}
+
+PREFLIGHT_CASES = [  # recipes that parse but would fail only when a stage starts (hours in, on a real model)
+    Case(
+        "duplicate-stage-name",
+        raw(DUPLICATE_STAGE),
+        ("recipe.yaml: duplicate key", "stages.sft: line 7 repeats line 4", "rename one or merge them"),
+    ),
+    Case(
+        "duplicate-key-in-a-section",
+        raw('name: t\nmodel: {name_or_path: "builtin:tiny-llama", dtype: float32, dtype: bfloat16}\nstages: {}\n'),
+        ("recipe.yaml: duplicate key", "model.dtype: given twice on line 2"),
+    ),
+    Case(
+        "duplicate-key-in-set", validate(None, "lora={r: 8, r: 16}"), ("--set 'lora={r: 8, r: 16}'", "r: given twice")
+    ),
+    Case("recipe-is-a-directory", lambda tmp: ["validate", str(tmp)], ("is a directory", "YAML file")),
+    Case(
+        "checker-module-missing",
+        stage({**BON, "scorer": {"checker": "no_such_checks:fn"}}, "label"),
+        ("stages.label.scorer.checker", "cannot import module 'no_such_checks'", "PYTHONPATH"),
+    ),
+    Case(
+        "checker-function-missing",
+        stage({**BON, "scorer": {"checker": "pipeline.builtin.tasks:no_such"}}, "label"),
+        ("stages.label.scorer.checker", "has no function 'no_such'", "answer_correct"),
+    ),
+    Case(
+        "checker-takes-one-argument",
+        checker_module("def judge(response):\n    return True\n", "user_checks:judge"),
+        ("stages.label.scorer.checker", "cannot be called as judge(row, response)", "judge(response)"),
+        env=on_pythonpath,
+    ),
+    Case(
+        "checker-takes-three-arguments",
+        checker_module("def judge(row, response, gold):\n    return True\n", "user_checks:judge", where="report"),
+        ("stages.label.report.mine", "cannot be called as judge(row, response)", "gold"),
+        env=on_pythonpath,
+    ),
+    Case(
+        "checker-module-has-a-syntax-error",
+        checker_module("def judge(row, response)\n    return True\n", "user_checks:judge"),
+        ("stages.label.scorer.checker", "fails when imported: SyntaxError", "user_checks.py, line 1"),
+        env=on_pythonpath,
+    ),
+    Case(
+        "checker-module-fails-on-import",
+        checker_module("import json\nTABLE = json.loads('not json')\n", "user_checks:judge"),
+        ("stages.label.scorer.checker", "fails when imported: JSONDecodeError"),
+        env=on_pythonpath,
+    ),
+    Case("grpo-reward-function-missing", stage(GRPO, "grpo"), ("stages.grpo.rewards.acc.checker", "no_such_rewards")),
+    Case(
+        "eval-checker-wrong-signature",
+        stage({**EVAL, "checkers": {"acc": "json:dumps"}}, "eval"),
+        ("stages.eval.checkers.acc", "cannot be called as dumps(row, response)"),
+    ),
+    Case(
+        "lora-target-typo",
+        validate({"lora": {"target_modules": ["q_prj", "v_proj"]}}),
+        ("lora.target_modules[0]", "'q_prj' matches no module", "did you mean 'q_proj'"),
+    ),
+    Case(
+        "lora-target-not-a-layer",
+        validate({"lora": {"target_modules": ["layers"]}}),
+        ("lora.target_modules[0]", "ModuleList, which LoRA cannot wrap"),
+    ),
+    Case(
+        "lora-modules-to-save-typo",
+        validate({"lora": {"modules_to_save": ["lm_haed"]}}),
+        ("lora.modules_to_save[0]", "'lm_haed'", "lm_head"),
+    ),
+    Case(
+        "data-path-is-a-directory",
+        data_path_kind(lambda tmp: _mkdir(tmp / "rows.jsonl")),
+        ("stages.sft.data.train.path", "rows.jsonl is a directory, not a file"),
+    ),
+    Case(
+        "data-path-without-file-type",
+        data_path_kind(lambda tmp: _mkdir(tmp / "rows")),
+        ("stages.sft.data.train", "'rows' has no file type", ".jsonl"),
+    ),
+]
+
 SET_CASES = [
     Case("set-without-equals", validate(None, "stages.sft.train.learning_rate"), ("--set", "key.path=value")),
     Case("set-unknown-key", validate(None, "stages.sft.train.lr=1e-4"), ("stages.sft.train.lr",)),
@@ -334,6 +463,36 @@ DATA_CASES = [
         "ranked-scores-length-mismatch",
         pairs_file("ranked.jsonl", jsonl({"prompt": "a", "responses": ["x", "y"], "scores": [1.0]})),
         ("ranked.jsonl row 1", "scores"),
+    ),
+    Case(
+        "gzip-cut-short",
+        sft_file(
+            "cut.jsonl.gz", __import__("gzip").compress(jsonl({"instruction": "a", "output": "b"}).encode() * 50)[:-25]
+        ),
+        ("cut.jsonl.gz", "cannot decompress it as gzip", "damaged or cut short"),
+    ),
+    Case(
+        "bad-row-inside-a-gzip-file",
+        sft_file(
+            "bad.jsonl.gz",
+            __import__("gzip").compress(("\ufeff" + jsonl({"instruction": "a", "output": "b"}, '{"x": ')).encode()),
+        ),
+        ("bad.jsonl.gz line 2", "invalid JSON"),
+    ),
+    Case(
+        "git-lfs-pointer",
+        sft_file("lfs.jsonl", "version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 1234\n"),
+        ("lfs.jsonl is a Git LFS pointer", "git lfs pull"),
+    ),
+    Case(
+        "pandas-default-to-json",
+        sft_file("cols.json", json.dumps({"instruction": {"0": "a"}, "output": {"0": "b"}})),
+        ("cols.json", "object of columns", "orient='records'"),
+    ),
+    Case(
+        "tsv-extra-field",
+        sft_file("extra.tsv", "instruction\toutput\na\tb\nc\td\te\n"),
+        ("extra.tsv line 3", "more fields", "tabs"),
     ),
     Case(
         "prompts-without-prompt-column",
@@ -467,12 +626,105 @@ def _damaged_manifest_run(tmp: Path) -> list[str]:
     return ["run", _run_recipe(tmp), "--output-dir", str(run_dir)]
 
 
-CASES = RECIPE_CASES + SET_CASES + DATA_CASES + CLI_CASES
+def _output_dir_is_a_file(tmp: Path, command: str = "run", under: bool = False) -> list[str]:
+    target = tmp / "taken"
+    target.write_text("a file\n")
+    out = target / "run" if under else target
+    args = ["run", _run_recipe(tmp)] if command == "run" else ["stage", "sft", _run_recipe(tmp)]
+    return [*args, "--output-dir", str(out)]
+
+
+def _finished_run(tmp: Path) -> Path:
+    """A run directory whose sft stage is done (a fake model directory is enough for export's checks)."""
+    run_dir = tmp / "run"
+    (run_dir / "sft" / "model").mkdir(parents=True)
+    model = {"path": str(run_dir / "sft" / "model"), "kind": "full", "base": None}
+    (run_dir / "manifest.json").write_text(
+        json.dumps({"stages": {"sft": {"status": "done", "kind": "sft", "outputs": {"model": model}}}})
+    )
+    return run_dir
+
+
+def _export_into_run_dir(tmp: Path) -> list[str]:
+    run_dir = _finished_run(tmp)
+    return ["export", str(run_dir), "sft", str(run_dir / "exported")]
+
+
+def _export_onto_a_file(tmp: Path) -> list[str]:
+    run_dir = _finished_run(tmp)
+    (tmp / "model.bin").write_bytes(b"x")
+    return ["export", str(run_dir), "sft", str(tmp / "model.bin")]
+
+
+def _trained_with_another_tokenizer(consumer: str) -> Callable[[Path], list[str]]:
+    """The run directory holds a stage ``old`` trained with another model (another vocabulary); ``consumer`` would
+    use it beside the SFT policy this run trains: a best-of-n scoring the policy's samples with ``old`` as reward
+    model, or a DPO with ``old`` as reference. Refused before anything runs."""
+
+    def build(tmp: Path) -> list[str]:
+        run_dir = tmp / "run"
+        model_dir = run_dir / "old" / "model"
+        model_dir.mkdir(parents=True)
+        (model_dir / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}}}))
+        kind = "reward" if consumer == "label" else "sft"
+        model = {"path": str(model_dir), "kind": "full"}
+        done = {"status": "done", "kind": kind, "config_hash": "old", "outputs": {"model": model}}
+        (run_dir / "manifest.json").write_text(json.dumps({"stages": {"old": done}}))
+        pairs = write(tmp, "pairs.jsonl", jsonl(GOOD_PAIR, {**GOOD_PAIR, "prompt": "Say yes."}))
+        if consumer == "label":
+            stages = {
+                "old": {"kind": "reward", "base_from": "sft", "data": {"train": {"path": pairs}}},
+                "label": {**BON, "scorer": {"reward_from": "old"}},
+            }
+        else:
+            stages = {
+                "old": {"kind": "sft", "data": {"train": {"path": str(SFT)}}},
+                "dpo": {**DPO, "reference_from": "old", "data": {"train": {"path": pairs}}},
+            }
+        return ["run", recipe(tmp, {"stages": stages}), "--stages", f"sft,{consumer}", "--output-dir", str(run_dir)]
+
+    return build
+
+
+PATH_CASES = [  # paths of the wrong type
+    Case("run-output-dir-is-a-file", _output_dir_is_a_file, ("--output-dir", "taken is a file, not a directory")),
+    Case(
+        "stage-output-dir-is-a-file",
+        lambda tmp: _output_dir_is_a_file(tmp, "stage"),
+        ("--output-dir", "is a file, not a directory"),
+    ),
+    Case(
+        "run-output-dir-under-a-file",
+        lambda tmp: _output_dir_is_a_file(tmp, under=True),
+        ("taken is a file, so no directory can be created under it",),
+    ),
+    Case("export-into-the-run-directory", _export_into_run_dir, ("OUT_DIR", "is inside the run directory", "run-sft")),
+    Case("export-onto-a-file", _export_onto_a_file, ("OUT_DIR", "model.bin is a file")),
+    Case(
+        "run-reward-model-with-another-tokenizer",
+        _trained_with_another_tokenizer("label"),
+        (
+            "stages.label.scorer.reward_from",
+            "different tokenizer (2 tokens)",
+            "builtin:tiny-llama",
+            "--stages old,label",
+        ),
+    ),
+    Case(
+        "run-dpo-reference-with-another-tokenizer",
+        _trained_with_another_tokenizer("dpo"),
+        ("stages.dpo.reference_from", "different tokenizer (2 tokens)", "stages.dpo.policy_from", "--stages old,dpo"),
+    ),
+]
+
+CASES = RECIPE_CASES + PREFLIGHT_CASES + SET_CASES + DATA_CASES + CLI_CASES + PATH_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_exits_2_with_a_message_naming_it(case: Case, tmp_path):
-    out = run_cli(*case.build(tmp_path), env={TOKEN_ENV: "", **case.env}, timeout=120)
+    args = case.build(tmp_path)
+    env = case.env(tmp_path) if callable(case.env) else case.env
+    out = run_cli(*args, env={TOKEN_ENV: "", **env}, timeout=120)
     assert out.returncode == 2, f"exit {out.returncode}\nstdout: {out.stdout[-1500:]}\nstderr: {out.stderr[-3000:]}"
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     for expected in case.expect:
@@ -501,7 +753,7 @@ def test_locked_run_dir_exits_2_naming_the_holder(command, tmp_path):
 
 
 def test_corpus_is_large():
-    assert len(CASES) + 2 >= 50
+    assert len(CASES) + 2 >= 100
 
 
 def test_a_missing_model_directory_is_named_as_such_not_as_a_hub_id(tmp_path):
@@ -511,3 +763,60 @@ def test_a_missing_model_directory_is_named_as_such_not_as_a_hub_id(tmp_path):
     message = cannot_load("tokenizer", gone, OSError("Repo id must be in the form 'repo_name'"))
     assert message == f"cannot load the tokenizer of {gone!r}: no such directory (was it moved or deleted?)"
     assert "Hugging Face Hub" in cannot_load("model", "org/some-model", OSError("404"))
+
+
+# --------------------------------------------------------------------------------------------
+# The other side: valid files as other tools write them are read (validate), and run
+# --------------------------------------------------------------------------------------------
+
+
+def test_files_as_other_tools_write_them_pass_validate(tmp_path):
+    """One SFT mixture with a source per way of writing the file (compressed, BOMs, CRLF, JSON Lines named .json,
+    pandas / datasets / Excel output): `validate` reads every one of them, row by row, in one call."""
+    from test_data import WRITERS
+
+    sources = []
+    for i, write_file in enumerate(WRITERS.values()):
+        folder = tmp_path / f"w{i}"
+        folder.mkdir()
+        sources.append({"path": str(write_file(folder))})
+    path = recipe(tmp_path, {"stages": {"sft": {"data": {"train": sources, "eval": None, "eval_fraction": 0.0}}}})
+    out = run_cli("validate", path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "is valid (1 stage(s): sft)" in out.stderr
+
+
+def _hh_row(row: dict) -> dict:
+    """An Anthropic HH-RLHF row (whole transcripts sharing the prompt) made of a tiny-task row."""
+    prompt = f"\n\nHuman: {row['instruction']} {row['input']}".rstrip()
+    return {"chosen": f"{prompt}\n\nAssistant: {row['output']}", "rejected": f"{prompt}\n\nAssistant: I do not know."}
+
+
+@pytest.mark.slow
+def test_files_as_other_tools_write_them_run(tmp_path):
+    """SFT on a JSONL file with a byte-order mark, CRLF line ends and blank lines (Windows editors), then a reward
+    model on HH-RLHF's own form (.jsonl.gz of chosen / rejected transcripts): the run reads both and finishes."""
+    import gzip
+
+    rows = [json.loads(line) for line in SFT.read_text().splitlines()[:64]]
+    sft = tmp_path / "windows.jsonl"
+    sft.write_bytes(("\ufeff" + "\r\n\r\n".join(json.dumps(r) for r in rows) + "\r\n").encode())
+    hh = tmp_path / "hh-helpful-base-train.jsonl.gz"
+    hh.write_bytes(gzip.compress("".join(json.dumps(_hh_row(r)) + "\n" for r in rows).encode()))
+    short = {"max_steps": 2, "batch_size": 4, "precision": "fp32", "save_steps": 2}
+    stages = {
+        "sft": {
+            "data": {"train": {"path": str(sft), "limit": None}, "eval": None, "eval_fraction": 0.0},
+            "train": short,
+        },
+        "reward": {"kind": "reward", "base_from": "sft", "data": {"train": {"path": str(hh)}}, "train": short},
+    }
+    run_dir = tmp_path / "run"
+    out = run_cli("run", recipe(tmp_path, {"stages": stages}), "--output-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    stages_done = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stages_done["sft"]["status"] == stages_done["reward"]["status"] == "done"
+    assert stages_done["sft"]["metrics"]["train_rows"] == 64
+    summary = json.loads((run_dir / "reward" / "data_summary.json").read_text())
+    read = summary["train_source"]
+    assert read["format"] == "implicit" and read["rows"] == read["pairs"] == 64 and read["split_failures"] == 0

@@ -95,7 +95,9 @@ BAD_RECIPES = [
     ),
     (
         {"stages": {"sft": {"data": {"train": {"path": "rows.txt"}}}}},
-        [r"unsupported file type; use \.json, \.jsonl, \.csv or \.parquet"],
+        [
+            r"unsupported file type '\.txt'; use \.json, \.jsonl \(\.ndjson\), \.csv, \.tsv or \.parquet, each also compressed"
+        ],
     ),
     (
         {"stages": {"polish": {"kind": "sfft", "data": {"train": {"path": "a.jsonl"}}}}},
@@ -140,6 +142,43 @@ def test_missing_stages_and_bad_yaml(tmp_path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_duplicate_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "name: x\n"  # 1
+        "stages:\n"  # 2
+        "  sft:\n"  # 3
+        "    kind: sft\n"  # 4
+        "    data: {train: {path: a.jsonl}, max_length: 64, max_length: 32}\n"  # 5
+        "  sft:\n"  # 6
+        "    kind: sft\n"  # 7
+        "    data:\n"  # 8
+        "      train: [{path: a.jsonl, weight: 1, weight: 2}]\n"  # 9
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: duplicate key(s); YAML keeps only the last one")
+    assert "stages.sft: line 6 repeats line 3" in message
+    assert "stages.sft.data.max_length: given twice on line 5" in message
+    assert "stages.sft.data.train[0].weight: given twice on line 9" in message
+    # anchors and merge keys are not duplicates
+    path.write_text(
+        "name: x\nbase: &b {kind: sft, data: {train: {path: a.jsonl}}}\n"
+        "stages:\n  sft: {<<: *b}\n  more: {<<: *b, init_from: sft}\n"
+    )
+    with pytest.raises(RecipeError) as info:  # 'base' is an unknown key, not a duplicate
+        load_recipe(path)
+    assert "duplicate key" not in str(info.value) and "base: unknown key" in str(info.value)
+    with pytest.raises(RecipeError, match=r"--set 'lora=\{r: 8, r: 16\}': duplicate key.*\n  - r: given twice"):
+        load_recipe(REPO / "recipes" / "demo.yaml", ["lora={r: 8, r: 16}"])
+
+
+def test_a_recipe_path_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(RecipeError, match="is a directory; give the recipe's YAML file"):
+        load_recipe(tmp_path)
 
 
 def test_override_into_a_value_is_refused(tmp_path):

@@ -216,3 +216,152 @@ def test_length_policy_truncate_drop_error():
 
     with pytest.raises(DataError, match="no rows left"):
         apply_length_policy(_examples([(30, 40)]), count, 20, "drop", "f.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# Files as other tools write them: compressed, byte-order marks, CRLF, blank lines, JSON Lines named .json
+# --------------------------------------------------------------------------------------------
+
+ROWS = [{"instruction": "Add 1 and 2.", "output": "3"}, {"instruction": "Say hi, café.", "output": "hi"}]
+JSONL = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS)
+
+
+def _zstd(data: bytes) -> bytes:
+    import pyarrow as pa
+
+    return pa.Codec("zstd").compress(data, asbytes=True)
+
+
+def _writers():
+    import bz2
+    import gzip
+    import lzma
+
+    def datasets_to(method, name, **kw):
+        def write(tmp_path):
+            import datasets
+
+            path = tmp_path / name
+            getattr(datasets.Dataset.from_list(ROWS), method)(str(path), **kw)
+            return path
+
+        return write
+
+    def pandas_to(method, name, **kw):
+        def write(tmp_path):
+            import pandas as pd
+
+            path = tmp_path / name
+            getattr(pd.DataFrame(ROWS), method)(path, **kw)
+            return path
+
+        return write
+
+    def raw(name, data: bytes):
+        def write(tmp_path):
+            (tmp_path / name).write_bytes(data)
+            return tmp_path / name
+
+        return write
+
+    excel_csv = "\ufeffinstruction;output\r\n" + "".join(f"{r['instruction']};{r['output']}\r\n" for r in ROWS)
+    return {
+        "jsonl.gz (HH-RLHF)": raw("train.jsonl.gz", gzip.compress(JSONL.encode())),
+        "jsonl.bz2": raw("train.jsonl.bz2", bz2.compress(JSONL.encode())),
+        "jsonl.xz": raw("train.jsonl.xz", lzma.compress(JSONL.encode())),
+        "jsonl.zst": raw("train.jsonl.zst", _zstd(JSONL.encode())),
+        "gzip named .jsonl": raw("train.jsonl", gzip.compress(JSONL.encode())),
+        "utf-8 BOM": raw("bom.jsonl", b"\xef\xbb\xbf" + JSONL.encode()),
+        "CRLF": raw("crlf.jsonl", JSONL.replace("\n", "\r\n").encode()),
+        "blank lines and no final newline": raw("blank.jsonl", ("\n" + JSONL.replace("\n", "\n\n")).rstrip().encode()),
+        "UTF-16 with BOM (PowerShell)": raw("ps.jsonl", JSONL.encode("utf-16")),
+        "JSON list named .jsonl": raw("list.jsonl", json.dumps(ROWS, indent=2).encode()),
+        ".ndjson": raw("train.ndjson", JSONL.encode()),
+        "json.gz list": raw("train.json.gz", gzip.compress(json.dumps(ROWS).encode())),
+        "datasets to_json (JSON Lines named .json)": datasets_to("to_json", "ds.json"),
+        "datasets to_json gzip": datasets_to("to_json", "ds.jsonl.gz", compression="gzip"),
+        "datasets to_csv": datasets_to("to_csv", "ds.csv"),
+        "datasets to_parquet": datasets_to("to_parquet", "ds.parquet"),
+        "pandas to_json records": pandas_to("to_json", "pd.json", orient="records", force_ascii=False),
+        "pandas to_json lines": pandas_to("to_json", "pd.jsonl", orient="records", lines=True),
+        "pandas to_csv gzip": pandas_to("to_csv", "pd.csv.gz", index=False),
+        "Excel csv (BOM, ';', CRLF)": raw("excel.csv", excel_csv.encode()),
+        "tsv": raw(
+            "train.tsv",
+            ("instruction\toutput\n" + "".join(f"{r['instruction']}\t{r['output']}\n" for r in ROWS)).encode(),
+        ),
+    }
+
+
+WRITERS = _writers()
+
+
+@pytest.mark.parametrize("how", list(WRITERS))
+def test_files_written_by_other_tools_are_read(tmp_path, how):
+    from pipeline.data.sources import read_file
+
+    path = WRITERS[how](tmp_path)
+    rows = read_file(path)
+    assert [{k: r[k] for k in ("instruction", "output")} for r in rows.rows] == ROWS
+    examples, fmt = load_sft_examples(src(path), "alpaca")
+    assert fmt == "alpaca" and [e.completion.strip() for e in examples] == ["3", "hi"]
+
+
+def test_row_numbers_survive_compression_boms_and_blank_lines(tmp_path):
+    import gzip
+
+    bad = JSONL.replace("\n", "\r\n") + "\r\n" + '{"instruction": "x", ' + "\r\n"
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(gzip.compress(b"\xef\xbb\xbf" + bad.encode()))
+    with pytest.raises(DataError, match=re.escape(f"{path} line 4: invalid JSON")):
+        load_sft_examples(src(path), "alpaca")
+    empty = tmp_path / "two.jsonl"
+    empty.write_text('\n{"instruction": "a", "output": ""}\n')
+    with pytest.raises(DataError, match=re.escape(f"{empty} row 1 (line 2)")):
+        load_sft_examples(src(empty), "alpaca")
+
+
+@pytest.mark.parametrize(
+    "name, content, pattern",
+    [
+        (
+            "cut.jsonl.gz",
+            lambda: __import__("gzip").compress(JSONL.encode() * 40)[:-25],
+            "cannot decompress it as gzip",
+        ),
+        ("bad.jsonl.xz", lambda: b"\xfd7zXZ\x00 not xz", "cannot decompress it as xz"),
+        ("bad.jsonl.zst", lambda: b"\x28\xb5\x2f\xfd broken", "cannot decompress it as zstd"),
+        (
+            "lfs.jsonl",
+            lambda: b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n",
+            "Git LFS pointer",
+        ),
+        (
+            "cols.json",
+            lambda: json.dumps({"instruction": {"0": "a"}, "output": {"0": "b"}}).encode(),
+            "orient='records'",
+        ),
+        (
+            "latin1.jsonl.gz",
+            lambda: __import__("gzip").compress('{"instruction": "caf\xe9"}\n'.encode("latin-1")),
+            "not UTF-8",
+        ),
+    ],
+)
+def test_damaged_or_misnamed_files_say_what_they_are(tmp_path, name, content, pattern):
+    from pipeline.data.sources import read_file
+
+    path = tmp_path / name
+    path.write_bytes(content())
+    with pytest.raises(DataError, match=re.escape(pattern)) as info:
+        read_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    from pipeline.data.sources import read_file
+
+    folder = tmp_path / "rows.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataError, match="is a directory, not a data file"):
+        read_file(folder)

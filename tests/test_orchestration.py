@@ -168,17 +168,23 @@ def test_failed_stage_stops_the_run_keeps_earlier_outputs_and_reports(make_recip
         "train": {"max_steps": 2, "precision": "fp32"},
     }
     recipe, run_dir = write(tmp_path, raw), tmp_path / "run"
+    # a bad row in a later stage's file is found before the first stage trains
     out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
-    assert (
-        out.returncode == 2
-        and "bad.jsonl row 1 (line 1): 'output' is empty" in out.stderr
-        and "Traceback" not in out.stderr
-    )
+    assert out.returncode == 2 and "bad.jsonl row 1 (line 1): 'output' is empty" in out.stderr
+    assert "Traceback" not in out.stderr and not (run_dir / "manifest.json").exists()
+
+    # what only the stage can find (token lengths need the tokenizer) stops the run there
+    long_row = {"instruction": "Add.", "input": "1 and 2", "output": "three " * 40}
+    bad.write_text(json.dumps(long_row) + "\n")
+    raw["stages"]["second"]["data"].update(max_length=16, overlength="error")
+    out = run_cli("run", str(write(tmp_path, raw)), "--output-dir", str(run_dir))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "1 row(s) of" in out.stderr and "longer than max_length=16" in out.stderr
     stages = manifest(run_dir)
     assert stages["sft"]["status"] == "done" and Path(stages["sft"]["outputs"]["model"]["path"]).is_dir()
     assert stages["second"]["status"] == "failed" and "third" not in stages
     report = (run_dir / "report.md").read_text()
-    assert "| sft | sft | done |" in report and "| second | sft | failed |" in report and "'output' is empty" in report
+    assert "| sft | sft | done |" in report and "| second | sft | failed |" in report and "max_length=16" in report
     assert "failed" in out.stdout  # the results table is printed even when the run stops
 
 
@@ -230,3 +236,63 @@ def test_launch_config_runs_each_stage_under_accelerate(make_recipe, tmp_path):
     assert entry["world_size"] == 2 and entry["status"] == "done"
     saved = yaml.safe_load((run_dir / "sft" / "recipe.yaml").read_text())
     assert saved["stages"]["sft"]["train"]["learning_rate"] == 0.002  # --set travelled to the launched stage
+
+
+# Ctrl-C and SIGTERM (a scheduler ending the job) mid-training: one line, exit 130 / 143, recorded as interrupted,
+# and the rerun resumes from the newest checkpoint to the result of an uninterrupted run.
+INTERRUPTED_SFT = {"stages": {"sft": {"train": {"max_steps": 48, "save_steps": 8, "logging_steps": 8}}}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sft(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("straight")
+    recipe = write(root, merge(BASE_RECIPE, INTERRUPTED_SFT))
+    out = run_cli("run", str(recipe), "--output-dir", str(root / "run"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return manifest(root / "run")["sft"]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_mid_training_ends_cleanly_and_the_rerun_resumes(tmp_path, uninterrupted_sft, signum, code):
+    from pipeline.train.checkpoints import checkpoint_problem, checkpoints
+
+    recipe, run_dir = write(tmp_path, merge(BASE_RECIPE, INTERRUPTED_SFT)), tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(recipe), "--output-dir", str(run_dir)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not any((run_dir / "sft").glob("checkpoints-*/checkpoint-8/trainer_state.json")):
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, "timed out waiting for checkpoint-8"
+        time.sleep(0.2)
+    proc.send_signal(signum)  # to the run's process alone, as `kill -TERM PID` or a scheduler would
+    _, err = proc.communicate(timeout=180)
+
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+    assert last.startswith(f"{name}: stage 'sft' interrupted and recorded so"), last
+    assert f"To resume, run the same command again: python -m pipeline run {recipe} --output-dir {run_dir}" in last
+    entry = manifest(run_dir)["sft"]
+    assert entry["status"] == "interrupted" and entry["error"].startswith(f"interrupted by {name}")
+    assert not (run_dir / "sft" / "model").exists()
+    ckpt_dir = next((run_dir / "sft").glob("checkpoints-*"))
+    newest = next(p.name for p in checkpoints(ckpt_dir) if checkpoint_problem(p) is None)
+    if signum == signal.SIGTERM:  # the trainer saved a checkpoint at the end of the step it was in
+        assert f"({newest} saved)" in last and entry["error"] == f"interrupted by SIGTERM ({newest} saved)"
+    assert "| sft | sft | interrupted |" in (run_dir / "report.md").read_text()
+
+    out = run_cli("run", str(recipe), "--output-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr[-3000:]
+    entry = manifest(run_dir)["sft"]
+    assert entry["status"] == "done" and entry["metrics"]["steps"] == 48
+    assert entry["metrics"]["resumed_from"] == newest  # the newest complete checkpoint, not a restart
+    straight = uninterrupted_sft["metrics"]
+    assert entry["metrics"]["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6, abs=1e-7)
+    assert entry["metrics"]["eval_loss_before"] == pytest.approx(straight["eval_loss_before"], rel=1e-6)

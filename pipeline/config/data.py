@@ -13,9 +13,40 @@ from pipeline.config.base import Strict
 
 SFT_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion")
 
+# Local data files: the type by suffix, each optionally compressed (pipeline.data.sources reads them all).
+FILE_TYPES = {
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": "zstd"}
+FILE_TYPES_TEXT = ".json, .jsonl (.ndjson), .csv, .tsv or .parquet, each also compressed (.gz, .bz2, .xz, .zst)"
+
+
+def file_type(path: str | Path) -> tuple[str, str | None]:
+    """(type, compression or None) of a local data file from its name, e.g. 'hh.jsonl.gz' -> ('jsonl', 'gzip');
+    ValueError saying what is accepted when the name has no known type."""
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression:
+        suffixes = suffixes[:-1]
+    kind = FILE_TYPES.get(suffixes[-1]) if suffixes else None
+    if kind is not None:
+        return kind, compression
+    name = Path(path).name
+    if not suffixes:
+        raise ValueError(
+            f"path {str(path)!r}: {name!r} has no file type (a directory is not read); name one file ending in "
+            f"{FILE_TYPES_TEXT} (several files: a list of sources)"
+        )
+    raise ValueError(f"path {str(path)!r}: unsupported file type {suffixes[-1]!r}; use {FILE_TYPES_TEXT}")
+
 
 class DataSource(Strict):
-    """Where rows come from: a local file (json, jsonl, csv, parquet) or a Hub dataset."""
+    """Where rows come from: a local file (json, jsonl, csv, tsv, parquet; also compressed) or a Hub dataset."""
 
     path: str | None = Field(None, description="Local file; relative paths are relative to the recipe file.")
     hub: str | None = Field(None, description="Hugging Face dataset id (needs network access).")
@@ -70,8 +101,8 @@ class DataSource(Strict):
             raise ValueError("'output' only applies with 'from_stage'")
         if self.output is not None and self.output not in ("best", "pairs"):
             raise ValueError(f"output {self.output!r}: a best-of-n stage writes 'best' and 'pairs'")
-        if self.path is not None and Path(self.path).suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
-            raise ValueError(f"path {self.path!r}: unsupported file type; use .json, .jsonl, .csv or .parquet")
+        if self.path is not None:
+            file_type(self.path)  # raises, saying which types are read
         return self
 
     def describe(self) -> str:

@@ -28,17 +28,63 @@ from pipeline.util.text import suggest
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory; give the recipe's YAML file, e.g. {path / 'recipe.yaml'}")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        raw = load_yaml(path.read_text(encoding="utf-8-sig"), str(path))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping with at least 'name' and 'stages'")
     for item in overrides:
         apply_override(raw, item)
     return recipe_from_dict(raw, source=path)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML -> Python, refusing duplicate keys: YAML keeps the last of two equal keys, so a second ``sft:`` under
+    ``stages`` would silently replace the first stage."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        duplicates = list(_duplicate_keys(node, (), set()))
+        if duplicates:
+            raise RecipeError(
+                f"{where}: duplicate key(s); YAML keeps only the last one, so the first would be lost without a word:\n"
+                + "\n".join(
+                    f"  - {key_path}: "
+                    + (f"given twice on line {first}" if first == second else f"line {second} repeats line {first}")
+                    + "; rename one or merge them"
+                    for key_path, first, second in duplicates
+                )
+            )
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{where}: not valid YAML: {exc}") from None
+
+
+def _duplicate_keys(node: Any, path: tuple[str, ...], seen: set[int]):
+    """(key path, first line, repeated line) of each key given twice in one mapping, anywhere under ``node``."""
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<":  # '<<' merges a mapping in; it may appear once per anchor
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    yield ".".join((*path, key)), lines[key], line
+                else:
+                    lines[key] = line
+            yield from _duplicate_keys(value_node, (*path, key or "?"), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, (*path[:-1], f"{path[-1]}[{i}]") if path else (f"[{i}]",), seen)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -48,8 +94,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. stages.sft.train.learning_rate=1e-4")
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(text, f"--set {item!r}") if text.strip() else ""
+    except RecipeError as exc:
+        if "duplicate key" in str(exc):
+            raise
         value = text
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -187,13 +235,20 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
 
 
 def missing_data_files(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
-    """Local data files the given stages read that do not exist, as 'key.path: file' lines."""
-    return [
-        f"{where}.path: file not found: {source.path}"
-        for name in stages or list(recipe.stages)
-        for where, source in iter_sources(recipe.stages[name], f"stages.{name}")
-        if source.path is not None and not Path(source.path).is_file()
-    ]
+    """Local data files the given stages read that do not exist (or are not files), as 'key.path: problem' lines."""
+    problems = []
+    for name in stages or list(recipe.stages):
+        for where, source in iter_sources(recipe.stages[name], f"stages.{name}"):
+            path = Path(source.path) if source.path is not None else None
+            if path is None or path.is_file():
+                continue
+            if path.is_dir():
+                problems.append(f"{where}.path: {path} is a directory, not a file; name the data file itself")
+            elif path.exists():
+                problems.append(f"{where}.path: {path} is not a regular file; name the data file itself")
+            else:
+                problems.append(f"{where}.path: file not found: {path}")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ class StageConfig(Strict):
 
     # field path -> what that field may point at: capabilities (registry.POLICY, REWARD_MODEL, PAIRS) or kinds
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # field paths holding module:function references called as fn(row, response) (checkers, reward functions);
+    # a path may end at a mapping of name -> reference, and '*' stands for every key of a mapping on the way.
+    # validate imports each one and checks it can take (row, response) before anything runs.
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     kind: str
     seed: int | None = Field(None, description="Overrides the recipe seed for this stage.")
@@ -32,6 +36,31 @@ class StageConfig(Strict):
             elif targets:
                 found[path] = targets[0]
         return found
+
+    def functions(self) -> dict[str, str]:
+        """key path (dotted, from the stage) -> module:function, for every FUNCTION_FIELDS entry that is set."""
+        found: dict[str, str] = {}
+        for path in self.FUNCTION_FIELDS:
+            _collect_refs(self, path.split("."), "", found)
+        return found
+
+
+def _collect_refs(node: Any, parts: list[str], where: str, found: dict[str, str]) -> None:
+    if node is None:
+        return
+    if not parts:
+        if isinstance(node, str):
+            found[where] = node
+        elif isinstance(node, dict):
+            found.update({f"{where}.{key}": ref for key, ref in node.items() if isinstance(ref, str)})
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "*":
+        for key, value in node.items() if isinstance(node, dict) else ():
+            _collect_refs(value, rest, f"{where}.{key}", found)
+        return
+    child = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+    _collect_refs(child, rest, f"{where}.{part}" if where else part, found)
 
 
 def _follow(node: Any, parts: list[str]) -> list[str]:

@@ -43,7 +43,7 @@ def stage_rows(manifest: dict[str, Any], names: list[str], warnings_inline: bool
             shown.append(
                 "; ".join(f"WARNING {w}" for w in said) if warnings_inline else f"{len(said)} warning(s), below"
             )
-        if entry.get("status") == "failed":
+        if entry.get("status") in ("failed", "interrupted"):
             error = " ".join(str(entry.get("error", "")).split())  # one line: it sits in a table row
             shown = [f"error: {error[:400]}" + ("..." if len(error) > 400 else "")]
         duration = entry.get("duration_s")

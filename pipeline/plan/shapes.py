@@ -141,3 +141,39 @@ def shape_of_model(model, head: str = CAUSAL_LM) -> ModelShape:
         tied=tied,
         **counts,
     )
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    name: str  # as named_modules() gives it, e.g. model.layers.0.self_attn.q_proj
+    type: str  # its class name
+    lora: bool  # a layer peft's LoRA can wrap (Linear, Embedding, Conv, transformers' Conv1D)
+
+
+@lru_cache(maxsize=8)
+def module_infos(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False
+) -> tuple[ModuleInfo, ...]:
+    """Every module of the causal LM, from its config.json on the ``meta`` device (no weights): what LoRA's
+    ``target_modules`` and ``modules_to_save`` are matched against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = load_model_config(name_or_path, revision, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    wrappable = (
+        torch.nn.Linear,
+        torch.nn.Embedding,
+        torch.nn.Conv1d,
+        torch.nn.Conv2d,
+        torch.nn.Conv3d,
+        torch.nn.MultiheadAttention,
+        Conv1D,
+    )
+    return tuple(
+        ModuleInfo(name, type(module).__name__, isinstance(module, wrappable))
+        for name, module in model.named_modules()
+        if name
+    )

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import sys
 from collections.abc import Callable
@@ -25,8 +26,9 @@ class Scorer(Protocol):
     def score(self, items: list[dict[str, Any]]) -> list[float]: ...
 
 
-def load_function(ref: str, key: str) -> Callable:
-    """Import ``module:function``; errors name the recipe key."""
+def load_function(ref: str, key: str, call: tuple[str, ...] = ("row", "response")) -> Callable:
+    """Import ``module:function`` and check it can be called with the arguments ``call`` names; errors name the
+    recipe key (``validate`` calls this for every checker before anything runs, the stages again)."""
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -34,11 +36,36 @@ def load_function(ref: str, key: str) -> Callable:
         raise PipelineError(
             f"{key}: cannot import module {module_name!r} ({exc}); is it installed or on PYTHONPATH?"
         ) from None
+    except Exception as exc:  # the module's own bug (a syntax error, a failing import-time line): say where
+        where = f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        raise PipelineError(
+            f"{key}: module {module_name!r} fails when imported: {type(exc).__name__}: {exc}{where}"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         available = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
         raise PipelineError(f"{key}: {module_name!r} has no function {attr!r}; it has: {', '.join(available[:20])}")
+    problem = _signature_problem(fn, call)
+    if problem:
+        raise PipelineError(
+            f"{key}: {ref} cannot be called as {attr}({', '.join(call)}): {problem}. A checker takes the prompt's "
+            "source row (a dict: instruction, input and the other columns) and the response (a str), and returns a "
+            f"bool or a number: def {attr}({', '.join(call)}): ..."
+        )
     return fn
+
+
+def _signature_problem(fn: Callable, call: tuple[str, ...]) -> str | None:
+    """Why ``fn`` cannot take ``len(call)`` positional arguments, or None (also when it has no readable signature)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C functions: nothing to check
+        return None
+    try:
+        signature.bind(*call)
+    except TypeError as exc:
+        return f"its signature is {fn.__name__ if hasattr(fn, '__name__') else 'it'}{signature} ({exc})"
+    return None
 
 
 class CheckerScorer:

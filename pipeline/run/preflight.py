@@ -1,8 +1,12 @@
-"""Checks of the recipe's model that need no torch: its files, and a chat template where stages render chats.
+"""Checks that need no model weights, run by ``validate`` and by ``run`` before its first stage: the model's
+tokenizer files and chat template, every local data file read as its stage will, checkers and reward functions
+(imported, callable as fn(row, response)), LoRA targets (the model's modules on the meta device), and one
+tokenizer across the models stages exchange texts or token ids between.
 
 ``python -m pipeline validate`` (and ``run``, before anything heavy) reads the tokenizer files of local
 directories and of Hub ids already in the Hugging Face cache. A Hub id that is not cached is not checked
-here (that would download it); the stage checks the loaded tokenizer when it starts.
+here (that would download it); the stage checks the loaded tokenizer when it starts. Only the LoRA check imports
+torch (to build the model on the meta device), and only for a recipe that lists target modules.
 """
 
 from __future__ import annotations
@@ -170,3 +174,173 @@ def _data_checks(recipe: Recipe, name: str) -> list:
     """Callables that read and check each local source of stage ``name`` with its kind's loaders (its hook)."""
     hook = registry.get(recipe.stages[name].kind).data_checks
     return hook(recipe, name) if hook is not None else []
+
+
+def function_problems(recipe: Recipe, stages: list[str] | None = None) -> list[str]:
+    """Every checker and reward function the stages call: importable, and callable as fn(row, response)."""
+    from pipeline.rollout.scoring import load_function
+    from pipeline.util.errors import PipelineError
+
+    problems = []
+    for name in stages or list(recipe.stages):
+        for key, ref in recipe.stages[name].functions().items():
+            try:
+                load_function(ref, f"stages.{name}.{key}")
+            except PipelineError as exc:
+                problems.append(str(exc))
+    return problems
+
+
+def lora_problems(recipe: Recipe) -> list[str]:
+    """LoRA target_modules (and modules_to_save) that name no module of the model -- peft skips a target that
+    matches nothing, so a typo would train fewer layers than asked, or fail only once the model is loaded. The
+    model's modules come from its config.json on the meta device (no weights); a Hub model whose config.json is
+    not cached is left to the stage."""
+    from pipeline.util.errors import PipelineError
+    from pipeline.util.text import suggest
+
+    lora = recipe.lora
+    if lora is None or (lora.target_modules == "all-linear" and not lora.modules_to_save):
+        return []
+    from pipeline.plan.shapes import module_infos
+
+    model = recipe.model
+    try:
+        modules = module_infos(model.name_or_path, model.revision, model.trust_remote_code)
+    except PipelineError:
+        return []  # no config.json offline: the stage checks once the model is loaded
+    except Exception as exc:  # noqa: BLE001 -- a config transformers cannot build; the stage will say it too
+        return [
+            f"model.name_or_path: cannot build {model.name_or_path} from its config.json: {type(exc).__name__}: {exc}"
+        ]
+    short = list(dict.fromkeys(m.name.rsplit(".", 1)[-1] for m in modules))
+    wrappable = list(dict.fromkeys(m.name.rsplit(".", 1)[-1] for m in modules if m.lora))
+    problems = []
+    targets = [] if lora.target_modules == "all-linear" else lora.target_modules
+    for i, target in enumerate(targets):
+        matched = [m for m in modules if m.name == target or m.name.endswith("." + target)]
+        if not matched:
+            problems.append(
+                f"lora.target_modules[{i}]: {target!r} matches no module of {model.name_or_path}"
+                f"{suggest(target, wrappable)}; LoRA can target: {', '.join(wrappable)} (or 'all-linear')"
+            )
+        elif not any(m.lora for m in matched):
+            problems.append(
+                f"lora.target_modules[{i}]: {target!r} is a {matched[0].type}, which LoRA cannot wrap (it wraps "
+                f"linear, embedding and convolution layers); name the layers inside it, e.g. {', '.join(wrappable[:4])}"
+            )
+    for i, saved in enumerate(lora.modules_to_save or []):
+        if not any(m.name == saved or m.name.endswith("." + saved) for m in modules) and saved != "score":
+            problems.append(
+                f"lora.modules_to_save[{i}]: {saved!r} matches no module of {model.name_or_path}"
+                f"{suggest(saved, short)}; e.g. lm_head, embed_tokens (the reward head 'score' is always trained)"
+            )
+    return problems
+
+
+def tokenizer_problems(recipe: Recipe, run_dir: Path, to_run: list[str] | None = None) -> list[str]:
+    """Stages that pass texts or token ids between models (a reward model scoring a policy's samples, DPO's
+    reference against its policy, eval's policies against their reference) need one tokenizer. Every stage of a
+    recipe starts from its one model, but a run directory can hold stages trained with another one (an earlier
+    run with another model.name_or_path, then ``--stages``): each upstream model this run will not retrain is
+    compared, by its saved tokenizer, with the others the stage reads and with the recipe's model. Torch-free."""
+    from pipeline.run.manifest import Manifest
+
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return []
+    try:
+        stages = Manifest(run_dir).read()["stages"]
+    except Exception:  # noqa: BLE001 -- a damaged manifest is reported by the run itself
+        return []
+    if to_run is None:  # validate: the stages a plain run would run (not cached)
+        kept = _cached(recipe, stages)
+        to_run = [name for name in recipe.stages if name not in kept]
+    recipe_tokenizer: list = []  # computed once, when first needed
+
+    def recipe_side():
+        if not recipe_tokenizer:
+            recipe_tokenizer.append(_tokenizer_id(_recipe_model_dir(recipe)))
+        return recipe_tokenizer[0], f"the recipe's model {recipe.model.name_or_path}"
+
+    problems = []
+    for name in to_run:
+        seen: dict[tuple, tuple[str, str]] = {}  # tokenizer id -> (field, description)
+        for field, target in recipe.stages[name].upstream().items():
+            if target not in recipe.stages or registry.get(recipe.stages[target].kind).model_head is None:
+                continue
+            entry = stages.get(target, {})
+            model = (entry.get("outputs") or {}).get("model") if entry.get("status") == "done" else None
+            if target in to_run or not isinstance(model, dict) or not model.get("path"):
+                ident, described = recipe_side()
+            else:
+                ident = _tokenizer_id(Path(model["path"]))
+                described = f"stage {target!r} (trained from {model.get('base') or model['path']})"
+            if ident is None:
+                continue
+            if seen and ident not in seen:
+                (other_field, other), *_ = seen.values()
+                problems.append(
+                    f"stages.{name}.{field}: {described} has a different tokenizer ({ident[1]} tokens) from "
+                    f"stages.{name}.{other_field}: {other} ({next(iter(seen))[1]} tokens), in {run_dir}. Stage "
+                    f"{name!r} passes texts or token ids between them, so they must share a tokenizer: rerun the "
+                    f"older stage with this recipe (--stages {target},{name}) or use another --output-dir"
+                )
+                break
+            seen.setdefault(ident, (field, described))
+    return problems
+
+
+def _cached(recipe: Recipe, stages: dict) -> set[str]:
+    """Stages a run would skip: done with the config hash the recipe gives them now (as the runner's is_cached)."""
+    from pipeline.run.manifest import stage_hash
+
+    kept: set[str] = set()
+    for name in recipe.stages:
+        entry = stages.get(name, {})
+        upstream = recipe.stages[name].upstream().values()
+        if entry.get("status") != "done" or any(stages.get(t, {}).get("status") != "done" for t in upstream):
+            continue
+        digest = stage_hash(recipe, name, {t: stages[t]["config_hash"] for t in upstream})
+        if digest == entry.get("config_hash"):
+            kept.add(name)
+    return kept
+
+
+def _recipe_model_dir(recipe: Recipe) -> Path | None:
+    """Where the recipe's model's tokenizer files are, without downloading: a local or built-in directory, or the
+    Hugging Face cache; None when they are not at hand."""
+    name = recipe.model.name_or_path
+    if builtin.is_builtin(name):
+        return Path(builtin.resolve(name))
+    if Path(name).is_dir():
+        return Path(name)
+    files = _cached_hub_files(name, recipe.model.revision)
+    return files["tokenizer_config.json"].parent if files else None
+
+
+def _tokenizer_id(directory: Path | None) -> tuple[str, int] | None:
+    """(digest of the vocabulary and added tokens, vocabulary size) of the tokenizer saved in ``directory``, read
+    from tokenizer.json (or tokenizer.model / vocab.json); None when there is none to read."""
+    import hashlib
+
+    if directory is None:
+        return None
+    path = directory / "tokenizer.json"
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            vocab = (data.get("model") or {}).get("vocab") or {}
+            added = sorted((t.get("id"), t.get("content")) for t in data.get("added_tokens") or [])
+            text = json.dumps([vocab, added], sort_keys=True)
+            known = set(vocab.values()) if isinstance(vocab, dict) else set(range(len(vocab)))
+            size = len(vocab) + sum(1 for i, _ in added if i not in known)
+            return hashlib.sha256(text.encode()).hexdigest(), size
+        for other in ("tokenizer.model", "vocab.json"):
+            if (directory / other).is_file():
+                raw = (directory / other).read_bytes()
+                size = len(json.loads(raw)) if other == "vocab.json" else 0
+                return hashlib.sha256(raw).hexdigest(), size
+    except (OSError, ValueError):
+        return None
+    return None

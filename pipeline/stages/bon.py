@@ -58,6 +58,7 @@ class BonStage(StageConfig):
         "policy_from": (POLICY,),
         "scorer.reward_from": (REWARD_MODEL,),
     }
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("scorer.checker", "report")
 
     kind: Literal["bon"] = "bon"
     policy_from: str = Field(..., description="The sft stage whose model samples.")

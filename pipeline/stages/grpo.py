@@ -32,6 +32,7 @@ class GRPOStage(StageConfig):
     """Online RL (TRL GRPOTrainer) from a policy stage, with checker and/or reward-model rewards."""
 
     FROM_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"policy_from": (POLICY,), "reward_from": (REWARD_MODEL,)}
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("rewards.*.checker",)
 
     kind: Literal["grpo"] = "grpo"
     policy_from: str = Field(..., description="The policy stage (sft, dpo, grpo) training starts from.")

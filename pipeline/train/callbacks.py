@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from pipeline.util import console
+from pipeline.util import console, signals
 from pipeline.util.files import write_json_atomic
 
 
@@ -20,6 +20,22 @@ class KeepInitialEval(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.is_main and state.global_step == 0 and metrics and "eval_loss" in metrics:
             write_json_atomic(self.path, {"eval_loss": metrics["eval_loss"]})
+
+
+class CheckpointOnSignal(TrainerCallback):
+    """A SIGTERM held by ``pipeline.util.signals`` (the job is about to be killed): save a checkpoint at the end
+    of this optimizer step, then raise it, naming the checkpoint -- the rerun resumes from this step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if signals.pending() is not None:
+            signals.saving()
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        held = signals.take() if signals.pending() is not None else None
+        if held is not None:
+            held.checkpoint = f"checkpoint-{state.global_step}"
+            raise held
 
 
 class TrainingProgress(TrainerCallback):

@@ -15,7 +15,8 @@ from transformers.trainer_utils import TrainOutput
 
 from pipeline import compat, modeling
 from pipeline.train import batching, checkpoints
-from pipeline.train.callbacks import KeepInitialEval, show_progress
+from pipeline.train.callbacks import CheckpointOnSignal, KeepInitialEval, show_progress
+from pipeline.util import signals
 from pipeline.util.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ def fit(trainer, ctx, base: str | None = None) -> dict[str, Any]:
     if last:
         log.info("resuming %s from %s", ctx.name, last)
         metrics["resumed_from"] = Path(last).name
-    result = _train(trainer, last)
+    trainer.add_callback(CheckpointOnSignal())
+    # SIGTERM: a checkpoint at the end of the step, then the stage stops (in one process; ranks would not agree)
+    with signals.checkpoint_on_term(enabled=ctx.world_size == 1):
+        result = _train(trainer, last)
     if has_eval:
         metrics["eval_loss_before"] = (
             json.loads(initial_eval.read_text())["eval_loss"] if initial_eval.is_file() else None

@@ -33,3 +33,40 @@ class DiskFull(PipelineError):
             f"stage {stage!r}: the disk is full{where} ({exc.strerror or exc}). Free space on the disk holding "
             f"{run_dir} and rerun: finished stages are kept and this one resumes from its last complete checkpoint."
         )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (what a scheduler such as Slurm sends before it kills a job) ended the run.
+
+    A KeyboardInterrupt, so code that handles Ctrl-C handles both. The runner records the stage as
+    ``interrupted`` (never ``done``) and fills in ``stage``; a trainer that saved a checkpoint on SIGTERM names it.
+    The CLI prints one line and exits 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int = 2, stage: str | None = None, checkpoint: str | None = None):
+        super().__init__(signum, stage, checkpoint)
+        self.signum, self.stage, self.checkpoint = signum, stage, checkpoint
+
+    @classmethod
+    def of(cls, exc: BaseException, stage: str | None = None) -> "Interrupted":
+        """``exc`` (any KeyboardInterrupt) as an Interrupted naming ``stage`` unless it names one already."""
+        if isinstance(exc, Interrupted):
+            if exc.stage is None and stage is not None:
+                exc.stage = stage
+            return exc
+        return cls(2, stage)
+
+    @property
+    def signal_name(self) -> str:
+        return {2: "Ctrl-C", 15: "SIGTERM"}.get(self.signum, f"signal {self.signum}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def reason(self) -> str:
+        """For the manifest: 'interrupted by SIGTERM (checkpoint-27 saved)'."""
+        saved = f" ({self.checkpoint} saved)" if self.checkpoint else ""
+        return f"interrupted by {self.signal_name}{saved}"
+
+    def __str__(self) -> str:
+        return self.reason() + (f" during stage {self.stage!r}" if self.stage else "")
