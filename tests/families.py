@@ -8,7 +8,21 @@ from pathlib import Path
 
 from conftest import TINY
 
-FAMILIES = ("llama3", "qwen2.5", "qwen2.5-instruct", "mistral", "gemma2", "phi3")
+FAMILIES = (
+    "llama3",
+    "qwen2.5",
+    "qwen2.5-instruct",
+    "mistral",
+    "gemma2",
+    "phi3",
+    "qwen3",
+    "gemma3",
+    "llama3.2",
+    "r1-distill-qwen",
+    "smollm3",
+    "phi4-mini",
+    "olmo2",
+)
 FAST_TRAIN = {
     "max_steps": 2,
     "batch_size": 4,
@@ -73,9 +87,19 @@ def write_family_data(out: Path, n: int = 8) -> dict[str, Path]:
     }
 
 
+# SmolLM3's template writes a system block (metadata and a default persona of ~1k characters) before every chat:
+# 96 tokens leave no room for the conversation. Thinking replies open with a think block: more tokens to end.
+MAX_LENGTH = {"smollm3": 640}
+NEW_TOKENS = {"qwen3": 24, "smollm3": 24}
+
+
+def max_length(family: str) -> int:
+    return MAX_LENGTH.get(family, 96)
+
+
 def full_pipeline(family: str, data: dict[str, Path]) -> dict:
     """Every stage once, full fine-tuning: sft (alpaca), sft (chat), reward, bon, dpo, eval."""
-    pairs = {"train": {"path": str(data["pairs_chat"])}, "eval_fraction": 0.25, "max_length": 96}
+    pairs = {"train": {"path": str(data["pairs_chat"])}, "eval_fraction": 0.25, "max_length": max_length(family)}
     prompts = {"path": str(data["prompts"])}
     return {
         "name": f"family-{family}",
@@ -85,12 +109,20 @@ def full_pipeline(family: str, data: dict[str, Path]) -> dict:
         "stages": {
             "sft_alpaca": {
                 "kind": "sft",
-                "data": {"train": {"path": str(data["alpaca"])}, "template": "alpaca", "max_length": 96},
+                "data": {
+                    "train": {"path": str(data["alpaca"])},
+                    "template": "alpaca",
+                    "max_length": max_length(family),
+                },
                 "train": FAST_TRAIN,
             },
             "sft": {
                 "kind": "sft",
-                "data": {"train": {"path": str(data["messages"])}, "template": "chat", "max_length": 96},
+                "data": {
+                    "train": {"path": str(data["messages"])},
+                    "template": "chat",
+                    "max_length": max_length(family),
+                },
                 "train": LEARN_TRAIN,
             },
             "reward": {"kind": "reward", "base_from": "sft", "data": pairs, "train": FAST_TRAIN},
@@ -99,7 +131,7 @@ def full_pipeline(family: str, data: dict[str, Path]) -> dict:
                 "policy_from": "sft",
                 "prompts": prompts,
                 "n": 2,
-                "max_new_tokens": 12,
+                "max_new_tokens": NEW_TOKENS.get(family, 12),
                 "scorer": {"reward_from": "reward"},
             },
             "dpo": {"kind": "dpo", "policy_from": "sft", "data": pairs, "beta": 0.1, "train": FAST_TRAIN},
@@ -110,7 +142,7 @@ def full_pipeline(family: str, data: dict[str, Path]) -> dict:
                 "reference": "sft",
                 "bon_from": "bon",
                 "reward_from": "reward",
-                "max_new_tokens": 12,
+                "max_new_tokens": NEW_TOKENS.get(family, 12),
                 "kl_samples": 1,
             },
         },
@@ -119,7 +151,7 @@ def full_pipeline(family: str, data: dict[str, Path]) -> dict:
 
 def adapter_pipeline(family: str, data: dict[str, Path], quantization: str = "none") -> dict:
     """LoRA (optionally on a 4-bit base): sft (chat) -> dpo."""
-    pairs = {"train": {"path": str(data["pairs_chat"])}, "eval_fraction": 0, "max_length": 96}
+    pairs = {"train": {"path": str(data["pairs_chat"])}, "eval_fraction": 0, "max_length": max_length(family)}
     return {
         "name": f"family-{family}-lora",
         "seed": 0,
@@ -129,7 +161,11 @@ def adapter_pipeline(family: str, data: dict[str, Path], quantization: str = "no
         "stages": {
             "sft": {
                 "kind": "sft",
-                "data": {"train": {"path": str(data["messages"])}, "template": "chat", "max_length": 96},
+                "data": {
+                    "train": {"path": str(data["messages"])},
+                    "template": "chat",
+                    "max_length": max_length(family),
+                },
                 "train": FAST_TRAIN,
             },
             "dpo": {"kind": "dpo", "policy_from": "sft", "data": pairs, "beta": 0.1, "train": FAST_TRAIN},

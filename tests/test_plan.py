@@ -23,7 +23,17 @@ GIB = units.GIB
 
 
 def small_configs():
-    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        SmolLM3Config,
+    )
 
     common = dict(
         hidden_size=64,
@@ -39,10 +49,20 @@ def small_configs():
         "mistral": MistralConfig(**common),
         "gemma2": Gemma2Config(**common, head_dim=16),
         "phi3": Phi3Config(**common, pad_token_id=0),
+        # the replicas' newer families: q/k norms, heads*head_dim != hidden, NoPE layers, partial rotary + tied
+        "qwen3": Qwen3Config(**common, head_dim=32, tie_word_embeddings=True),
+        "gemma3": Gemma3TextConfig(**common, head_dim=32, layer_types=["sliding_attention", "full_attention"]),
+        "smollm3": SmolLM3Config(**common, pad_token_id=0, no_rope_layers=[1, 0]),
+        "olmo2": Olmo2Config(**common),
+        "phi4": Phi3Config(
+            **common, pad_token_id=0, tie_word_embeddings=True, rope_parameters={"partial_rotary_factor": 0.75}
+        ),
     }
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "phi3"])
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "mistral", "gemma2", "phi3", "qwen3", "gemma3", "smollm3", "olmo2", "phi4"]
+)
 def test_counts_equal_the_instantiated_model(arch):
     import peft
     import torch

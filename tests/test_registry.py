@@ -193,9 +193,9 @@ def test_a_kind_from_an_outside_package_validates_plans_runs_caches_and_reports(
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "count" in checked.stdout
 
-    planned = run_cli("plan", str(recipe), env=env)
-    assert planned.returncode == 2 and "Traceback" not in planned.stderr
-    assert "stage 'count': kind 'wordcount' has no memory model for plan" in planned.stdout + planned.stderr
+    planned = run_cli("plan", str(recipe), env=env)  # says so, and plans the other stages
+    assert planned.returncode == 0 and "Traceback" not in planned.stderr
+    assert "stage 'count': kind 'wordcount' has no memory model for plan" in planned.stdout
 
     first = run_cli("run", str(recipe), "--output-dir", str(out), env=env)
     assert first.returncode == 0, first.stdout + first.stderr

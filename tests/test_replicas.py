@@ -94,8 +94,106 @@ EXPECTED = {
         gqa=False,
         refuses_system=False,
     ),
+    "qwen3": dict(
+        bos=None,
+        adds_bos=False,
+        template_bos=False,
+        eos="<|im_end|>",
+        pad="<|endoftext|>",
+        turn_end="<|im_end|>",
+        stops=["<|im_end|>", "<|endoftext|>"],
+        vocab_padded=True,
+        tied=True,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "gemma3": dict(
+        bos="<bos>",
+        adds_bos=True,
+        template_bos=True,
+        eos="<eos>",
+        pad="<pad>",
+        turn_end="<end_of_turn>",
+        stops=["<eos>", "<end_of_turn>"],
+        vocab_padded=False,
+        vocab_short=True,  # <image_soft_token> has no embedding row
+        tied=True,
+        gqa=True,
+        refuses_system=False,  # folded into the first user turn
+    ),
+    "llama3.2": dict(
+        bos="<|begin_of_text|>",
+        adds_bos=True,
+        template_bos=True,
+        eos="<|eot_id|>",
+        pad=None,
+        turn_end="<|eot_id|>",
+        stops=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        vocab_padded=False,
+        tied=True,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "r1-distill-qwen": dict(
+        bos="<｜begin▁of▁sentence｜>",
+        adds_bos=True,
+        template_bos=True,
+        eos="<｜end▁of▁sentence｜>",
+        pad="<｜end▁of▁sentence｜>",
+        turn_end="<｜end▁of▁sentence｜>",
+        stops=["<｜end▁of▁sentence｜>"],
+        vocab_padded=True,
+        tied=False,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "smollm3": dict(
+        bos="<|begin_of_text|>",
+        adds_bos=False,
+        template_bos=False,
+        eos="<|im_end|>",
+        pad="<|finetune_right_pad_id|>",
+        turn_end="<|im_end|>",
+        stops=["<|im_end|>"],
+        vocab_padded=False,
+        tied=True,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "phi4-mini": dict(
+        bos="<|endoftext|>",
+        adds_bos=False,
+        template_bos=False,
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        turn_end="<|end|>",
+        stops=["<|end|>", "<|endoftext|>"],
+        vocab_padded=True,
+        tied=True,
+        gqa=True,
+        refuses_system=False,
+    ),
+    "olmo2": dict(
+        bos="<|endoftext|>",
+        adds_bos=False,
+        template_bos=True,
+        eos="<|endoftext|>",
+        pad="<|pad|>",
+        turn_end="<|endoftext|>",
+        stops=["<|endoftext|>"],
+        vocab_padded=True,
+        tied=False,
+        gqa=False,
+        refuses_system=False,
+    ),
 }
-STRICT_ALTERNATION = {"mistral", "gemma2"}
+STRICT_ALTERNATION = {"mistral", "gemma2", "gemma3"}
+# added tokens released with "special": false: decoding with skip_special_tokens keeps them
+PLAIN_TOKENS = {
+    "qwen3": ["<think>", "</think>", "<tool_call>"],
+    "r1-distill-qwen": ["<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"],
+    "phi4-mini": ["<|tool|>", "<|tool_call|>"],
+}
 
 
 def test_table_covers_the_five_families_and_names_a_release_for_each():
@@ -131,6 +229,15 @@ def test_special_tokens_and_bos_as_released(built):
         token_ids = tok(token, add_special_tokens=False)["input_ids"]
         assert token_ids == [tok.convert_tokens_to_ids(token)], token
     assert json.loads((path / "BUILD.json").read_text())["copies"] == replicas.FAMILIES[name].copies
+
+
+def test_added_tokens_released_as_not_special_survive_skip_special_tokens(built):
+    name, _, tok = built
+    family = replicas.FAMILIES[name]
+    assert set(PLAIN_TOKENS.get(name, [])) <= family.plain_tokens
+    for token in family.specials_front + family.specials_back:
+        kept = tok.decode([tok.convert_tokens_to_ids(token)], skip_special_tokens=True) == token
+        assert kept == (token in family.plain_tokens), token
 
 
 def test_generation_config_stops_as_released(built):
@@ -184,7 +291,8 @@ def test_model_structure_and_forward_pass(built):
     model = AutoModelForCausalLM.from_pretrained(path)
     config = model.config
     assert type(model).__name__ == replicas.FAMILIES[name].model_class
-    assert (config.vocab_size > len(tok)) == want["vocab_padded"] and config.vocab_size >= len(tok)
+    assert (config.vocab_size > len(tok)) == want["vocab_padded"]
+    assert (config.vocab_size < len(tok)) == want.get("vocab_short", False)
     assert config.tie_word_embeddings == want["tied"]
     assert (model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()) == want[
         "tied"

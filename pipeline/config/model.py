@@ -10,6 +10,9 @@ from pipeline import builtin
 from pipeline.config.base import Strict
 
 BUILTIN_TINY_MODEL = builtin.TINY_MODEL
+# The run's date (ISO) in chat_template_kwargs: put there by the run (pipeline.run.runner.with_run_date) so a stage's
+# saved recipe records it; templates that print a date render it (pipeline.modeling.chat).
+RUN_DATE_KEY = "_run_date"
 
 
 class QuantConfig(Strict):
@@ -44,9 +47,9 @@ class ModelConfig(Strict):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_names(cls, value: dict[str, Any]) -> dict[str, Any]:
-        bad = [k for k in value if not k.isidentifier()]
+        bad = [k for k in value if not k.isidentifier() or (k.startswith("_") and k != RUN_DATE_KEY)]
         if bad:
-            raise ValueError(f"{bad[0]!r} is not a template variable name (letters, digits, _)")
+            raise ValueError(f"{bad[0]!r} is not a template variable name (letters, digits, _; not starting with _)")
         return value
 
     @field_validator("name_or_path")

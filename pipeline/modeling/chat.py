@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from pipeline.config.model import RUN_DATE_KEY
 from pipeline.util.errors import PipelineError
 
 PROBE_REPLY = "PROBEREPLY"  # a reply whose rendering shows what the template writes after an assistant turn
@@ -23,9 +24,10 @@ PROBE_REPLY = "PROBEREPLY"  # a reply whose rendering shows what the template wr
 # sees the same values without each caller passing them. A caller that passes a value still wins.
 DEFAULTS_BEGIN = "{#- pipeline: recipe defaults #}"
 DEFAULTS_END = "{#- pipeline: end of recipe defaults #}"
-# Set by the run for date-stamped templates (Llama-3.x: "Today Date: ..."), not by the recipe: only written
-# into templates that read it.
-RUN_DATE_VARIABLE = "date_string"
+# The run's date (ISO, fixed in the manifest, under RUN_DATE_KEY). Date-stamped templates read
+# it two ways: a ``date_string`` variable (Llama-3.x: "Today Date: 26 Jul 2024") or ``strftime_now(format)``
+# (Llama-3.2's fallback, SmolLM3): both are given the run's date, so a prompt renders the same on every day.
+DATE_STRING = "date_string"
 
 
 def _jinja_literal(value: Any) -> str:
@@ -49,23 +51,46 @@ def template_variables(template: str) -> set[str]:
     return set(re.findall(r"[A-Za-z_]\w*", code))
 
 
+def _dated(template: str, reads: set[str], iso_date: str, values: dict[str, Any]) -> list[str]:
+    """Jinja that gives a date-stamped template the run's date: ``date_string`` (unless the recipe set one) and
+    a ``strftime_now`` macro answering each format the template asks for."""
+    import datetime
+
+    day = datetime.date.fromisoformat(iso_date)
+    out = []
+    if DATE_STRING in reads and DATE_STRING not in values:
+        out.append(_default(DATE_STRING, day.strftime("%d %b %Y")))
+    formats = sorted(set(re.findall(r"strftime_now\(\s*[\"']([^\"']*)[\"']\s*\)", template)))
+    if formats:
+        cases = "".join(
+            f"{{%- {'if' if i == 0 else 'elif'} format == {json.dumps(f)} %}}{day.strftime(f)}"
+            for i, f in enumerate(formats)
+        )
+        out.append(f"{{%- macro strftime_now(format) %}}{cases}{{%- endif %}}{{%- endmacro %}}")
+    return out
+
+
+def _default(name: str, value: Any) -> str:
+    return f"{{%- if {name} is not defined %}}{{%- set {name} = {_jinja_literal(value)} %}}{{%- endif %}}"
+
+
 def with_template_defaults(template: str, defaults: dict[str, Any], model_name: str) -> str:
-    """``template`` reading ``defaults`` for every variable a caller leaves out. A recipe key the template
-    never reads is an error (it would silently change nothing); the run's date is written only where read."""
+    """``template`` reading ``defaults`` for every variable a caller leaves out (and the run's date, under
+    RUN_DATE_KEY, wherever it prints one). A recipe key the template never reads is an error: it would
+    silently change nothing."""
     template = strip_template_defaults(template)
     reads = template_variables(template)
-    unused = sorted(k for k in defaults if k not in reads and k != RUN_DATE_VARIABLE)
+    values = {k: v for k, v in defaults.items() if k != RUN_DATE_KEY}
+    unused = sorted(k for k in values if k not in reads and k != DATE_STRING)
     if unused:
         raise PipelineError(
             f"model.chat_template_kwargs: the chat template of {model_name!r} never reads {', '.join(map(repr, unused))}, "
             "so setting it would change nothing; remove it (thinking switches such as enable_thinking exist only in "
             "templates that have a thinking mode: Qwen3, SmolLM3, ...)"
         )
-    sets = [
-        f"{{%- if {name} is not defined %}}{{%- set {name} = {_jinja_literal(value)} %}}{{%- endif %}}"
-        for name, value in sorted(defaults.items())
-        if name in reads
-    ]
+    sets = [_default(name, value) for name, value in sorted(values.items()) if name in reads]
+    if defaults.get(RUN_DATE_KEY):
+        sets += _dated(template, reads, defaults[RUN_DATE_KEY], values)
     return DEFAULTS_BEGIN + "".join(sets) + DEFAULTS_END + template if sets else template
 
 
@@ -77,6 +102,28 @@ def require_chat_template(tokenizer, model_name: str) -> None:
             "(template: chat, or message-list data). Use 'template: alpaca' with text data, pick a checkpoint that "
             "ships a chat template (an -Instruct / -it model), or add chat_template.jinja to the model directory"
         )
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does ``tokenizer(text)`` put BOS in front by itself (Llama-3, Gemma, R1 distills; not Qwen, Phi)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def sampling_texts(tokenizer, prompt: list[dict], completion: list[dict]) -> tuple[str, str] | None:
+    """(prompt, completion) as text rendered the way sampling sees the prompt, for a template whose generation
+    prompt opens a think block that a finished reply never shows (DeepSeek-R1 distills); None for any other
+    template, whose conversations train as they are (see pipeline.data.chat_fit.reasoning_texts)."""
+    from functools import partial
+
+    from pipeline.data.chat_fit import reasoning_texts
+
+    added_bos = tokenizer.bos_token if adds_bos(tokenizer) else None
+    return reasoning_texts(prompt, completion, partial(render_chat, tokenizer), added_bos)
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:

@@ -92,7 +92,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str 
     see ``pipeline.run.context``) wherever a caller does not pass them."""
     from transformers import AutoTokenizer
 
-    from pipeline.modeling.chat import RUN_DATE_VARIABLE, with_template_defaults
+    from pipeline.modeling.chat import RUN_DATE_KEY, with_template_defaults
 
     source = path or resolve_name(cfg.name_or_path)
     try:
@@ -103,7 +103,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None, padding_side: str 
         raise PipelineError(cannot_load("tokenizer", source, exc)) from None
     if getattr(tok, "chat_template", None) and cfg.chat_template_kwargs:
         tok.chat_template = with_template_defaults(tok.chat_template, cfg.chat_template_kwargs, cfg.name_or_path)
-    elif set(cfg.chat_template_kwargs) - {RUN_DATE_VARIABLE}:
+    elif set(cfg.chat_template_kwargs) - {RUN_DATE_KEY}:
         raise PipelineError(f"model.chat_template_kwargs is set but the tokenizer of {source!r} has no chat template")
     if tok.pad_token is None:
         # Padding positions are masked out of the loss and attention, so reusing EOS is safe.

@@ -27,8 +27,19 @@ def export(run_dir: str | Path, stage: str, out_dir: str | Path, say=print) -> d
 
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir).resolve()
     ref = stage_model(run_dir, stage)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    suggestion = run_dir.parent / f"{run_dir.name}-{stage}"
+    if out_dir == run_dir or run_dir in out_dir.parents:
+        raise PipelineError(
+            f"export: OUT_DIR {out_dir} is inside the run directory {run_dir}, whose contents a rerun replaces and "
+            f"prunes; export next to it, e.g. {suggestion}"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PipelineError(f"export: OUT_DIR {out_dir} is a file; give a new directory, e.g. {suggestion}")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise PipelineError(f"export: {out_dir} exists and is not an empty directory; choose a new OUT_DIR")
+    blocker = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise PipelineError(f"export: OUT_DIR {out_dir}: {blocker} is a file, so no directory can be created under it")
     entry = Manifest(run_dir).stage(stage)
     kind = registry.kinds().get(entry.get("kind", ""))
     head = (kind.model_head if kind else None) or "causal_lm"

@@ -81,12 +81,12 @@ class Manifest:
         )
 
     def run_date(self) -> str:
-        """The date this run directory renders date-stamped chat templates with ("05 Dec 2026", the form Llama-3's
-        template prints), fixed the first time it is asked: a run that goes on past midnight, or is resumed next
+        """The date (ISO) this run directory renders date-stamped chat templates with, fixed the first time it is
+        asked: a run that goes on past midnight, or is resumed next
         week, renders every prompt as on the day it started, so caches, reference log-probs and shards stay valid."""
         data = self.read()
         if "run_date" not in data:
-            data["run_date"] = time.strftime("%d %b %Y")
+            data["run_date"] = time.strftime("%Y-%m-%d")
             if self.path.is_file() and _load(self.path)[1] is None:
                 write_text_atomic(self.backup, self.path.read_text())
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,10 +176,12 @@ def stage_hash(recipe: Recipe, name: str, upstream_hashes: dict[str, str]) -> st
     """Everything that determines a stage's output: its settings, the shared model settings, the seed,
     its input data and the hashes of the stages it builds on."""
     stage = recipe.stages[name]
+    template = recipe.model.chat_template_kwargs
     return config_hash(
         {
             "stage": stage.model_dump(mode="json"),
-            "model": recipe.model.model_dump(mode="json"),
+            # an empty chat_template_kwargs is left out: stages finished before the key existed stay cached
+            "model": recipe.model.model_dump(mode="json", exclude={"chat_template_kwargs"} if not template else None),
             "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
             "seed": stage.seed if stage.seed is not None else recipe.seed,
             "data": data_fingerprints(stage),

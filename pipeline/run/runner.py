@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -18,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Recipe, registry
-from pipeline.modeling.chat import RUN_DATE_VARIABLE
+from pipeline.modeling.chat import RUN_DATE_KEY
 from pipeline.plan.launch import read_launch
 from pipeline.run.context import StageContext, not_done
 from pipeline.run.manifest import Manifest, git_commit, now, package_versions, stage_hash
 from pipeline.util import console
-from pipeline.util.errors import DiskFull, GateFailed, PipelineError
+from pipeline.util.errors import DiskFull, GateFailed, Interrupted, PipelineError
 from pipeline.util.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,10 @@ def make_context(recipe: Recipe, name: str, run_dir: Path) -> StageContext:
 
 
 def with_run_date(recipe: Recipe, date: str) -> Recipe:
-    """The recipe as its stages see it: a date-stamped chat template reads the run's date unless the recipe gives
-    one (model.chat_template_kwargs.date_string). Stage hashes are taken from the recipe as written."""
-    kwargs = recipe.model.chat_template_kwargs
-    if RUN_DATE_VARIABLE in kwargs:
-        return recipe
-    model = recipe.model.model_copy(update={"chat_template_kwargs": {**kwargs, RUN_DATE_VARIABLE: date}})
-    return recipe.model_copy(update={"model": model})
+    """The recipe as its stages see it: the run's date (ISO) passed to the chat template, for templates that print
+    one (pipeline.modeling.chat). Stage hashes are taken from the recipe as written."""
+    kwargs = {**recipe.model.chat_template_kwargs, RUN_DATE_KEY: date}
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"chat_template_kwargs": kwargs})})
 
 
 def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
@@ -124,6 +122,8 @@ def run_stage(recipe: Recipe, name: str, run_dir: Path) -> dict[str, Any]:
     except BaseException as exc:
         if ctx.is_main:
             _record_failure(ctx, manifest, exc, round(time.time() - started, 2))
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: the CLI says which stage and how to resume
+            raise Interrupted.of(exc, name) from None
         raise
     duration = round(time.time() - started, 2)
     if ctx.is_main:
@@ -170,17 +170,19 @@ def _record_start(ctx: StageContext, manifest: Manifest, upstream: dict[str, str
 
 
 def _record_failure(ctx: StageContext, manifest: Manifest, exc: BaseException, duration: float) -> None:
-    """Mark the stage ``failed`` with the reason; a failed quality gate keeps what the stage measured and wrote."""
+    """Mark the stage ``failed`` with the reason (``interrupted`` for Ctrl-C and SIGTERM: it resumes from its last
+    checkpoint or shard when rerun); a failed quality gate keeps what the stage measured and wrote."""
     reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+    status = "failed"
     if isinstance(exc, KeyboardInterrupt):
-        reason = "interrupted"
+        reason, status = Interrupted.of(exc).reason(), "interrupted"
     extra = {}
     if isinstance(exc, GateFailed):
         extra = {"metrics": exc.metrics, "outputs": ctx.outputs}
         write_json_atomic(ctx.stage_dir / "metrics.json", exc.metrics)
     try:
         manifest.update_stage(
-            ctx.recipe, ctx.name, status="failed", error=reason, ended_at=now(), duration_s=duration, **extra
+            ctx.recipe, ctx.name, status=status, error=reason, ended_at=now(), duration_s=duration, **extra
         )
         if not isinstance(exc, (PipelineError, KeyboardInterrupt)):
             (ctx.stage_dir / "error.log").write_text(traceback.format_exc())
@@ -248,7 +250,6 @@ def run_pipeline(
     recipe: Recipe, run_dir: Path, stages: list[str] | None = None, say=print, launch: Launch | None = None
 ) -> dict[str, Any]:
     """Run stages in order, skipping cached ones; stops at the first failure (PipelineError)."""
-    import subprocess
 
     names = stages or list(recipe.stages)
     for name in names:
@@ -275,8 +276,10 @@ def run_pipeline(
             + (f" under accelerate launch --config_file {launch.config}" if separate else "")
         )
         if separate:
-            code = subprocess.call(launch.command(name, run_dir))
+            code = _launched(launch.command(name, run_dir), name)
             entry = Manifest(run_dir).stage(name)
+            if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # the launched stage was interrupted alone
+                raise Interrupted(code - 128, name)
             if code != 0 or entry.get("status") != "done":
                 raise PipelineError(
                     f"stage {name!r} failed (exit code {code}): {entry.get('error') or 'see the output above'}"
@@ -285,6 +288,25 @@ def run_pipeline(
             entry = run_stage(recipe, name, run_dir)
         say(f"[{name}] done in {entry['duration_s']:.1f}s: " + json.dumps(_headline(entry.get("metrics", {}))))
     return Manifest(run_dir).read()
+
+
+def _launched(command: list[str], stage: str) -> int:
+    """Run a stage's ``accelerate launch``; Ctrl-C or SIGTERM here is passed on to it (it records the stage as
+    interrupted and, on SIGTERM, may save a checkpoint first), then raised naming the stage."""
+    import subprocess
+
+    proc = subprocess.Popen(command)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt as exc:
+        interrupted = Interrupted.of(exc, stage)
+        try:
+            proc.send_signal(interrupted.signum)
+            proc.wait(timeout=120)
+        except BaseException:  # it did not stop (or a second signal came): end it
+            proc.kill()
+            proc.wait()
+        raise interrupted from None
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -197,6 +197,7 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
         count_tokens=partial(modeling.token_length, tokenizer),
         seed=ctx.seed,
     )
+    train_records, eval_records = (as_sampling_renders(tokenizer, r) for r in (train_records, eval_records))
     summary["max_length"] = data.max_length
     if ctx.is_main:
         write_json_atomic(ctx.stage_dir / "data_summary.json", summary)
@@ -215,6 +216,20 @@ def prepare_data(ctx: StageContext[DPOStage], tokenizer):
     else:
         to_ds = to_dataset
     return to_ds(train_records), to_ds(eval_records), summary
+
+
+def as_sampling_renders(tokenizer, records: list[dict]) -> list[dict]:
+    """Conversational pairs of a template whose generation prompt opens a think block (DeepSeek-R1 distills) as
+    text: the prompt as sampling renders it, each reply closing the block (pipeline.modeling.chat.sampling_texts).
+    DPO's log-probs are then those of the replies in the context the policy samples them in."""
+    from pipeline.modeling.chat import sampling_texts
+
+    out = []
+    for r in records:
+        chosen = sampling_texts(tokenizer, r["prompt"], r["chosen"]) if isinstance(r["prompt"], list) else None
+        rejected = sampling_texts(tokenizer, r["prompt"], r["rejected"]) if chosen else None
+        out.append({**r, "prompt": chosen[0], "chosen": chosen[1], "rejected": rejected[1]} if chosen else r)
+    return out
 
 
 def heldout_metrics(history: list[dict]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class EvalStage(StageConfig):
         "bon_from": ("bon",),
         "reward_from": (REWARD_MODEL,),
     }
+    FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("checkers",)
 
     kind: Literal["eval"] = "eval"
     prompts: Sources
@@ -293,7 +294,7 @@ def tables(metrics: dict[str, Any], detailed: bool) -> dict[str, tuple[str, list
     """The held-out table (report, console, trackers; trackers take it without the first-sample rows)."""
     if not isinstance(metrics.get("policies"), dict):
         return {}
-    title = f"held-out evaluation ({metrics.get('prompts')} prompts, reference {metrics.get('reference')})"
+    title = f"held-out evaluation ({metrics.get('prompts')} prompts, reference `{metrics.get('reference')}`)"
     return {"policies": (title, policy_rows(metrics, first_samples=detailed))}
 
 

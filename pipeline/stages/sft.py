@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -76,7 +78,7 @@ def prepare_data(ctx: StageContext[SFTStage], tokenizer):
     data = ctx.cfg.data
     keep_checks.check_upstream_output(ctx, data.train, "training rows", "best")
     train_mix, eval_source = as_mixture(ctx.resolve_source(data.train)), ctx.resolve_source(data.eval)
-    count = token_counter(tokenizer, data.template)
+    count = token_counter(tokenizer)
     parts, reports, formats = [], [], []
     for source in train_mix.sources:
         examples, fmt = load_sft_examples(source, data.template)
@@ -116,6 +118,7 @@ def _length_checked(ctx, tokenizer, examples: list[Example], source: str, count)
     data = ctx.cfg.data
     if data.template == "chat":
         check_conversations(tokenizer, recipe_model_name(ctx), [(examples, source)])
+        examples = as_sampling_renders(tokenizer, examples)
     return apply_length_policy(examples, count, data.max_length, data.overlength, source)
 
 
@@ -128,28 +131,37 @@ def check_conversations(tokenizer, model_name: str, parts) -> None:
     """The tokenizer has a chat template, and every conversation renders with it and keeps its prompt when
     the reply follows (see pipeline.data.chat_fit)."""
     from pipeline.data.chat_fit import check_chat_examples
-    from pipeline.modeling.chat import require_chat_template
+    from pipeline.modeling.chat import render_chat, require_chat_template
 
     require_chat_template(tokenizer, model_name)
-
-    def render(messages, add_generation_prompt):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
     for examples, source in parts:
-        check_chat_examples(examples, render, source)
+        check_chat_examples(examples, partial(render_chat, tokenizer), source)
 
 
-def token_counter(tokenizer, template: str):
+def as_sampling_renders(tokenizer, examples: list[Example]) -> list[Example]:
+    """Conversations of a template whose generation prompt opens a think block (DeepSeek-R1 distills) as the
+    text sampling renders (``pipeline.modeling.chat.sampling_texts``); any other template's unchanged."""
+    from pipeline.modeling.chat import sampling_texts
+
+    out = []
+    for ex in examples:
+        texts = sampling_texts(tokenizer, ex.prompt, ex.completion) if isinstance(ex.prompt, list) else None
+        out.append(ex if texts is None else dataclasses.replace(ex, prompt=texts[0], completion=texts[1]))
+    return out
+
+
+def token_counter(tokenizer):
     """(prompt tokens, total tokens incl. EOS) for an example, as the trainer will tokenize it."""
     from pipeline.modeling.chat import chat_ids
 
     def count(ex: Example) -> tuple[int, int]:
-        if template == "chat":
+        if isinstance(ex.prompt, list):
             prompt = chat_ids(tokenizer, ex.prompt, add_generation_prompt=True)
             return len(prompt), len(chat_ids(tokenizer, ex.prompt + ex.completion))
         prompt = tokenizer(ex.prompt)["input_ids"]  # as TRL tokenizes text prompts
         full = tokenizer(ex.prompt + ex.completion)["input_ids"]
-        return len(prompt), len(full) + 1
+        ends = bool(tokenizer.eos_token) and ex.completion.endswith(tokenizer.eos_token)
+        return len(prompt), len(full) + (0 if ends else 1)  # TRL appends EOS unless the completion ends with it
 
     return count
 
