@@ -87,9 +87,9 @@ def write_family_data(out: Path, n: int = 8) -> dict[str, Path]:
     }
 
 
-# SmolLM3's template writes a system block (metadata and a default persona of ~1k characters) before every chat:
+# SmolLM3's template writes a system block (metadata and a default persona: 748 tokens with thinking on) first:
 # 96 tokens leave no room for the conversation. Thinking replies open with a think block: more tokens to end.
-MAX_LENGTH = {"smollm3": 640}
+MAX_LENGTH = {"smollm3": 1024}
 NEW_TOKENS = {"qwen3": 24, "smollm3": 24}
 
 
