@@ -249,54 +249,57 @@ _QWEN_BASE = Family(
 )
 
 
+_LLAMA3 = Family(
+    name="llama3",
+    copies="meta-llama/Llama-3.1-8B-Instruct",
+    model_class="LlamaForCausalLM",
+    config_class="LlamaConfig",
+    tokenizer_kind="llama3",
+    specials_front=(),
+    specials_back=_LLAMA3_SPECIALS,
+    bos="<|begin_of_text|>",
+    eos="<|eot_id|>",
+    pad=None,
+    unk=None,
+    add_bos=True,
+    end_of_turn="<|eot_id|>",
+    chat_template=templates.LLAMA3_1_INSTRUCT,
+    generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+    generation_extra=dict(do_sample=True, temperature=0.6, top_p=0.9),
+    arch=dict(
+        hidden_size=128,
+        intermediate_size=448,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        rope_parameters=_rope(
+            500000.0,
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),  # 8B: hidden 4096, 32 heads / 8 kv heads, intermediate 14336 (3.5x), untied
+    tokenizer_extra=dict(model_max_length=131072),
+    conventions=(
+        "no pad token (the release has none; <|finetune_right_pad_id|> exists but is not pad_token)",
+        "the tokenizer prepends <|begin_of_text|> (post-processor) and the chat template writes it too",
+        "eos_token is <|eot_id|> (end of turn); generation_config stops on [<|end_of_text|>, <|eom_id|>, <|eot_id|>]",
+        "the chat template always writes a system header with 'Cutting Knowledge Date'",
+        "GQA 4:1, untied embeddings, llama3 rope scaling",
+    ),
+)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(
-            name="llama3",
-            copies="meta-llama/Llama-3.1-8B-Instruct",
-            model_class="LlamaForCausalLM",
-            config_class="LlamaConfig",
-            tokenizer_kind="llama3",
-            specials_front=(),
-            specials_back=_LLAMA3_SPECIALS,
-            bos="<|begin_of_text|>",
-            eos="<|eot_id|>",
-            pad=None,
-            unk=None,
-            add_bos=True,
-            end_of_turn="<|eot_id|>",
-            chat_template=templates.LLAMA3_1_INSTRUCT,
-            generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
-            generation_extra=dict(do_sample=True, temperature=0.6, top_p=0.9),
-            arch=dict(
-                hidden_size=128,
-                intermediate_size=448,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=1,
-                max_position_embeddings=131072,
-                rms_norm_eps=1e-5,
-                tie_word_embeddings=False,
-                hidden_act="silu",
-                rope_parameters=_rope(
-                    500000.0,
-                    rope_type="llama3",
-                    factor=8.0,
-                    low_freq_factor=1.0,
-                    high_freq_factor=4.0,
-                    original_max_position_embeddings=8192,
-                ),
-            ),  # 8B: hidden 4096, 32 heads / 8 kv heads, intermediate 14336 (3.5x), untied
-            tokenizer_extra=dict(model_max_length=131072),
-            conventions=(
-                "no pad token (the release has none; <|finetune_right_pad_id|> exists but is not pad_token)",
-                "the tokenizer prepends <|begin_of_text|> (post-processor) and the chat template writes it too",
-                "eos_token is <|eot_id|> (end of turn); generation_config stops on [<|end_of_text|>, <|eom_id|>, <|eot_id|>]",
-                "the chat template always writes a system header with 'Cutting Knowledge Date'",
-                "GQA 4:1, untied embeddings, llama3 rope scaling",
-            ),
-        ),
+        _LLAMA3,
         _QWEN_BASE,
         # the Instruct release: same weights' shape and tokenizer, but eos is the end-of-turn token
         replace(
@@ -528,23 +531,11 @@ FAMILIES: dict[str, Family] = {
                 "sliding-window (rope 1e4) and full-attention (rope 1e6) layers, q/k norm, no soft-capping; tied; eager attention",
             ),
         ),
-        Family(
+        replace(
+            _LLAMA3,
             name="llama3.2",
             copies="meta-llama/Llama-3.2-1B-Instruct",
-            model_class="LlamaForCausalLM",
-            config_class="LlamaConfig",
-            tokenizer_kind="llama3",
-            specials_front=(),
-            specials_back=_LLAMA3_SPECIALS,
-            bos="<|begin_of_text|>",
-            eos="<|eot_id|>",
-            pad=None,
-            unk=None,
-            add_bos=True,
-            end_of_turn="<|eot_id|>",
             chat_template=templates.LLAMA3_2,
-            generation_eos=("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
-            generation_extra=dict(do_sample=True, temperature=0.6, top_p=0.9),
             arch=dict(
                 hidden_size=128,
                 head_dim=32,
@@ -565,7 +556,6 @@ FAMILIES: dict[str, Family] = {
                     original_max_position_embeddings=8192,
                 ),
             ),  # 1B: hidden 2048, 32 heads x head_dim 64, 8 kv heads, intermediate 8192 (4x), 16 layers, tied
-            tokenizer_extra=dict(model_max_length=131072),
             tokenizer_class="PreTrainedTokenizerFast",
             conventions=(
                 "no pad token; the tokenizer prepends <|begin_of_text|> (post-processor) and the chat template writes it too",
