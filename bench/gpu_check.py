@@ -27,6 +27,8 @@ activation-checkpointing recomputation is not counted (MFU, not HFU). DPO adds t
     python bench/gpu_check.py --only qwen0.5b-full --steps 3
     python bench/gpu_check.py --layers 8                        # truncated models (plan and measurement alike)
     python bench/gpu_check.py --device cpu --dry-run            # tiny shapes on CPU: checks the code runs
+    python bench/gpu_check.py --only qwen0.5b-full --levers liger,compile,fused   # each speed lever on and off
+    python bench/gpu_check.py --only qwen0.5b-full+all:sft      # every lever at once, one stage
 """
 
 from __future__ import annotations
@@ -76,6 +78,14 @@ CASES = {
     "llama8b-qlora": ("recipes/gpu/llama3.1-8b-qlora.yaml", "Llama-3.1-8B", []),
 }
 STAGES = ("sft", "reward", "dpo", "bon")
+# The speed levers of issue 22, each a case variant `<case>+<lever>` (--levers, or --only qwen0.5b-full+liger):
+# the pipeline's own switches, applied here as the trainers apply them.
+LEVERS = {
+    "liger": ["model.kernels=liger"],  # Liger's layer kernels (its fused linear cross-entropy off, as TRL 1.16)
+    "compile": ["stages.sft.train.compile=true"],  # torch.compile of the model (transformers' torch_compile)
+    "fused": ["stages.sft.train.optim=adamw_torch_fused"],  # one-kernel AdamW step
+    "all": ["model.kernels=liger", "stages.sft.train.compile=true", "stages.sft.train.optim=adamw_torch_fused"],
+}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,12 +109,14 @@ def config_dir(name: str, layers: int | None) -> Path:
 
 def case_recipe(case: str, layers: int | None, dry_run: bool = False):
     """The case's recipe with sft, reward, dpo and bon stages sharing the sft stage's train settings."""
-    recipe_path, cfg_name, overrides = CASES[case]
+    base_case, *levers = case.split("+")
+    recipe_path, cfg_name, overrides = CASES[base_case]
+    overrides = [*overrides, *(o for lever in levers for o in LEVERS[lever])]
     raw = yaml.safe_load((REPO / recipe_path).read_text())
     raw["model"]["name_or_path"] = str(config_dir(cfg_name, layers))
     raw["tracking"] = {"report_to": "none"}
     raw.pop("launch", None)  # measured on one GPU, planned for one
-    if overrides and "lora" not in raw:
+    if any(o.startswith("lora.") for o in overrides) and "lora" not in raw:
         raw["lora"] = {}
     from pipeline.config import apply_override
 
@@ -254,6 +266,16 @@ def optimizer(model, name: str):
     return classes[name](params, lr=1e-5)
 
 
+def liger(model) -> str:
+    """Liger's layer kernels on the (unwrapped) model, as transformers' Trainer applies them under
+    use_liger_kernel, with the fused linear cross-entropy off (TRL 1.16 refuses it; the LM head is TRL's)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance  # pip install .[gpu]
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False)
+    return "liger"
+
+
 def fused_head(model, outputs: tuple[str, ...]):
     """TRL's chunked LM head on the (unwrapped) causal LM; returns how it was installed."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -334,6 +356,12 @@ def run_training(kind: str, recipe, base: str, device: str, steps: int) -> dict:
     if kind == "dpo" and recipe.lora is None:  # a full-weight policy: its reference is a frozen full copy
         ref = load(recipe, base, device, trainable=False).requires_grad_(False)
         fused_head(ref, ("log_probs",))
+    levers = []
+    if recipe.model.kernels == "liger":  # the policy only, as the Trainer does (not the reference)
+        levers.append(liger(model))
+    if train.compile:  # in place (nn.Module.compile), as accelerate compiles the Trainer's model
+        model.compile()
+        levers.append("compile")
     opt = optimizer(model, train.optim)
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.config.vocab_size
@@ -365,6 +393,7 @@ def run_training(kind: str, recipe, base: str, device: str, steps: int) -> dict:
         "trainable": trainable,
         "loss": float(loss.detach()),
         "lm_head": fused or ("trl.kernels" if kind != "reward" else "score"),
+        "levers": levers + [train.optim],
     }
 
 
@@ -460,6 +489,11 @@ def main() -> int:
         action="store_true",
         help="tiny fp32 shapes (1 layer unless --layers), 1 step: checks the code paths",
     )
+    parser.add_argument(
+        "--levers",
+        help=f"also run each case with these levers on, one at a time ({', '.join(LEVERS)}; comma-separated); "
+        "liger needs `pip install .[gpu]`",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     import torch
@@ -474,11 +508,16 @@ def main() -> int:
     if args.dry_run:
         args.layers, args.steps, args.prompt_tokens = args.layers or 1, 1, 16
     selected = [x.strip() for x in args.only.split(",")] if args.only else list(CASES)
+    levers = [x.strip() for x in args.levers.split(",")] if args.levers else []
+    selected = [v for item in selected for v in [item, *(_with_lever(item, lever) for lever in levers)]]
     results = []
     for item in selected:
         case, _, only_stage = item.partition(":")
-        if case not in CASES:
-            raise SystemExit(f"gpu_check: unknown case {case!r}; cases: {', '.join(CASES)}")
+        base_case, *case_levers = case.split("+")
+        if base_case not in CASES or any(lever not in LEVERS for lever in case_levers):
+            raise SystemExit(
+                f"gpu_check: unknown case {case!r}; cases: {', '.join(CASES)}, each with +lever ({', '.join(LEVERS)})"
+            )
         recipe = case_recipe(case, args.layers, args.dry_run)
         started = time.perf_counter()
         base = saved_base(recipe, args.device)
@@ -502,6 +541,11 @@ def main() -> int:
     return 0
 
 
+def _with_lever(item: str, lever: str) -> str:
+    case, sep, stage = item.partition(":")
+    return f"{case}+{lever}{sep}{stage}"
+
+
 def report_line(row: dict) -> str:
     gb = lambda b: "-" if b is None else f"{b / units.GIB:6.2f}"  # noqa: E731
     ratio = "-" if row["ratio_measured_over_plan"] is None else f"{row['ratio_measured_over_plan']:.2f}"
@@ -509,6 +553,7 @@ def report_line(row: dict) -> str:
     return (
         f"{row['case']:>16} {row['stage']:>6}  measured {gb(row['measured_bytes'])} GiB  plan {gb(row['plan_bytes'])} GiB  "
         f"ratio {ratio:>5}  {row['tokens_per_s']:9.0f} tok/s  MFU {mfu:>6}  | {row['summary']}"
+        + (f" | {'+'.join(row['levers'])}" if row.get("levers") else "")
     )
 
 

@@ -19,7 +19,7 @@ from conftest import REPO
 
 # Lowest first: a module may import from its own layer or any layer before it, never from a later one.
 LAYERS = [
-    "util",  # errors, atomic files, wording, console, network probes
+    "util",  # errors, atomic files, wording, console, network probes, signals
     "builtin",  # the tiny model and tasks, replicas and their templates, the built-in checkers
     "config",  # typed recipes, the loader, rounds, the stage-kind registry
     "compat",  # the ledger of workarounds of libraries' internals

@@ -15,6 +15,16 @@ BUILTIN_TINY_MODEL = builtin.TINY_MODEL
 RUN_DATE_KEY = "_run_date"
 
 
+LIGER_REQUIRED = "model.kernels: liger needs a CUDA GPU and `pip install .[gpu]` (liger-kernel)"
+
+
+def liger_installed() -> bool:
+    """Whether liger-kernel can be imported (looked up, not imported: importing it needs triton)."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 class QuantConfig(Strict):
     """bitsandbytes settings; used only when ``model.quantization`` is 4bit or 8bit."""
 
@@ -35,6 +45,15 @@ class ModelConfig(Strict):
     quant: QuantConfig = QuantConfig()
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = None
     gradient_checkpointing: bool = False
+    kernels: Literal["auto", "none", "liger"] = Field(
+        "auto",
+        # left out of dumps at its default: the stage hashes of runs finished before the key existed stay cached
+        exclude_if=lambda value: value == "auto",
+        description="Fused training kernels. liger: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU...) on the "
+        "training stages through TRL's use_liger_kernel; needs a CUDA GPU and `pip install .[gpu]` (liger-kernel), "
+        "refused at run time otherwise. auto: liger on a CUDA GPU when liger-kernel is installed, nothing on CPU. "
+        "none: never.",
+    )
     trust_remote_code: bool = False
     chat_template_kwargs: dict[str, str | int | float | bool | None] = Field(
         {},

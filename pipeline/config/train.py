@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config.base import Strict
 
@@ -19,7 +19,13 @@ class TrainConfig(Strict):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optim: str = "adamw_torch"
+    optim: str = Field("adamw_torch", description="Any transformers optimizer name, e.g. adamw_torch_fused on a GPU.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (transformers' torch_compile).",
+        # left out of dumps at its default: the stage hashes of runs finished before the key existed stay cached
+        exclude_if=lambda value: value is False,
+    )
     # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     logging_steps: int = Field(10, gt=0)
@@ -37,3 +43,20 @@ class TrainConfig(Strict):
     )
     # Escape hatch: extra fields of the TRL config class, checked against it at run time.
     trainer_extra: dict[str, Any] = {}
+
+    @field_validator("trainer_extra")
+    @classmethod
+    def _switches_elsewhere(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, switch in _SWITCHES.items():
+            if key in value:
+                raise ValueError(f"{key} is set by {switch}, not here")
+        return value
+
+
+# TRL config fields the recipe sets through its own switches (pipeline.train.args maps them).
+_SWITCHES = {
+    "use_liger_kernel": "model.kernels (auto | none | liger)",
+    "liger_kernel_config": "model.kernels (TRL 1.16's SFT/DPO/GRPO trainers refuse Liger's fused linear "
+    "cross-entropy and apply only its layer kernels)",
+    "torch_compile": "train.compile",
+}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Recipe, registry
+from pipeline.config.model import liger_installed
 from pipeline.plan.launch import Distribution
 from pipeline.plan.optimizers import Tensor, optim_spec, optimizer_state_bytes
 from pipeline.plan.shapes import CAUSAL_LM, REWARD_HEAD, Linear, ModelShape
@@ -64,6 +65,7 @@ class Setup:
     quant_double: bool
     lora: Any  # pipeline.config.LoraConfig or None
     checkpointing: bool
+    kernels: str = "none"  # model.kernels as planned: none | liger | auto (auto: liger-kernel not installed here)
     training: bool = False  # one optimizer step is planned; otherwise generation (and scoring)
     optim: str = "adamw_torch"
     sequences: int = 0  # per micro-batch and process (with pairs: chosen + rejected)
@@ -107,6 +109,10 @@ def _model_fields(recipe: Recipe) -> dict[str, Any]:
         quant_double=model.quant.double_quant,
         lora=recipe.lora,
         checkpointing=model.gradient_checkpointing,
+        # plan is for a CUDA GPU: auto is Liger there when liger-kernel is installed (looked up, not imported)
+        kernels="liger"
+        if model.kernels == "liger" or (model.kernels == "auto" and liger_installed())
+        else model.kernels,
     )
 
 
@@ -305,6 +311,20 @@ def head_terms(shape: ModelShape, s: Setup, head_trainable: bool, fused: bool) -
     return {label: total}
 
 
+def kernel_notes(s: Setup, trl_fused: bool) -> list[str]:
+    """What ``model.kernels`` changes in the plan, in one line (nothing for kernels: none)."""
+    if s.kernels == "auto":  # only where Liger would change the figure (a TRL without its chunked LM head)
+        return [] if trl_fused else ["model.kernels: auto: liger-kernel is not installed here, planned without Liger"]
+    if s.kernels != "liger" or s.head == REWARD_HEAD:
+        return []
+    if trl_fused:
+        return [
+            "model.kernels: liger: no logits saving planned: TRL applies Liger's layer kernels only (it switches "
+            "Liger's fused linear cross-entropy off) and its chunked LM head already holds no full logits"
+        ]
+    return ["model.kernels: liger: Liger's fused linear cross-entropy scores tokens in chunks, no full logits"]
+
+
 @lru_cache(maxsize=1)
 def trl_fuses_lm_head() -> bool:
     """Whether the installed TRL scores tokens through its chunked LM head (checked without importing trl)."""
@@ -379,7 +399,13 @@ def training_plan(shape: ModelShape, s: Setup, dist: Distribution) -> tuple[dict
         fixed["DDP gradient buckets (a copy of the gradients)"] = grads
     fixed["CUDA context + allocator allowance"] = CUDA_CONTEXT_BYTES
     fwd_bwd = activation_terms(shape, s)
-    fwd_bwd.update(head_terms(shape, s, head_trainable=s.lora is None, fused=trl_fuses_lm_head()))
+    fused = trl_fuses_lm_head()
+    liger_head = s.kernels == "liger" and s.head != REWARD_HEAD and not fused
+    head = head_terms(shape, s, head_trainable=s.lora is None, fused=fused or liger_head)
+    if liger_head:  # a TRL without its chunked head leaves Liger's fused linear cross-entropy on: chunked too
+        head = {k.replace("TRL chunked log-probs", "Liger fused linear cross-entropy"): v for k, v in head.items()}
+    fwd_bwd.update(head)
+    notes.extend(kernel_notes(s, fused))
     step = {
         "gradients"
         + (f" / {n} (sharded)" if (deepspeed and dist.strategy != "zero1") or dist.strategy == "fsdp" else ""): grads

@@ -7,15 +7,19 @@ the recipe's ``trainer_extra`` (checked against the config class's fields) are a
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
 
 from pipeline import modeling
+from pipeline.config.model import LIGER_REQUIRED, liger_installed
 from pipeline.train import batching
 from pipeline.util import console
 from pipeline.util.errors import RecipeError
 from pipeline.util.text import suggest
+
+log = logging.getLogger(__name__)
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -27,6 +31,23 @@ def precision_flags(precision: str) -> dict[str, bool]:
     if precision == "fp16" and not modeling.has_cuda():
         raise RecipeError("train.precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def kernel_flags(kernels: str, stage: str) -> dict[str, Any]:
+    """``model.kernels`` as TRL fields: Liger's layer kernels on a CUDA GPU with liger-kernel installed.
+    TRL 1.16's SFT/DPO/GRPO trainers switch Liger's fused linear cross-entropy off themselves (it would replace
+    the forward they patch with their chunked LM head). RewardTrainer does not, and Liger (0.8.5) would then set
+    the reward model's forward to its causal-LM loss forward (a sequence classifier has no LM head): off here."""
+    if kernels == "none":
+        return {}
+    cuda, installed = modeling.has_cuda(), liger_installed()
+    if not (cuda and installed):
+        if kernels == "liger":
+            raise RecipeError(f"{LIGER_REQUIRED}; use model.kernels: auto (Liger where it can run) or none")
+        if cuda:  # auto on a GPU without the package: say it once per stage
+            log.info("%s: model.kernels: auto: liger-kernel is not installed, training without it", stage)
+        return {}
+    return {"use_liger_kernel": True, "liger_kernel_config": {"fused_linear_cross_entropy": False}}
 
 
 def trl_args(config_cls, ctx, precision: str | None = None, packable: bool = False, **stage_specific: Any):
@@ -52,6 +73,7 @@ def trl_args(config_cls, ctx, precision: str | None = None, packable: bool = Fal
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=train.optim,
+        torch_compile=train.compile,
         logging_steps=train.logging_steps,
         eval_strategy="steps" if train.eval_steps else "no",
         eval_steps=train.eval_steps,
@@ -67,6 +89,7 @@ def trl_args(config_cls, ctx, precision: str | None = None, packable: bool = Fal
     )
     if ctx.recipe.model.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    kwargs.update(kernel_flags(ctx.recipe.model.kernels, ctx.name))
     kwargs.update(batching.trainer_args(batching.resolve(train.batching, packable, modeling.has_cuda())))
     kwargs.update(stage_specific)
     kwargs.update(_checked_extra(config_cls, train.trainer_extra, ctx.name))
