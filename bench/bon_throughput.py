@@ -1,5 +1,7 @@
 """Best-of-n generation throughput: the stage's sampler vs a plain per-prompt generate() loop.
 
+The stage's sampler is reached as the stages reach it: the ``hf`` sampling engine (``pipeline.rollout.engine``).
+
 Same model, prompts, n and lengths, one process, one after the other. Prints generated tokens/s for
 both and, as the last line, ``speedup_vs_loop: <float>``.
 
@@ -23,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.builtin.prompt_templates import alpaca_prompt  # noqa: E402
 from pipeline.modeling.chat import stop_ids  # noqa: E402
-from pipeline.rollout import generation  # noqa: E402
+from pipeline.rollout import engine  # noqa: E402
 
 
 def generated_tokens(seqs: torch.Tensor, prompt_len: int, eos_ids: list[int], pad_id: int) -> int:
@@ -59,8 +61,8 @@ def per_prompt_loop(model, tok, prompts, n, max_new_tokens, eos_ids) -> int:
 
 
 def stage_sampler(model, tok, prompts, n, max_new_tokens, batch_size) -> int:
-    samples = generation.sample_responses(
-        model, tok, prompts, n=n, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=0
+    samples = engine.sample_prompts(
+        engine.hf_engine(model, tok, batch_size), model, tok, prompts, n=n, max_new_tokens=max_new_tokens, seed=0
     )
     return sum(len(s.token_ids) for s in samples)
 
@@ -113,7 +115,7 @@ def main() -> None:
     )
     print(f"per-prompt generate() loop: {loop_rate:,.0f} generated tokens/s ({loop_tokens} tokens)")
     print(
-        f"stage sampler (batch {args.batch_size} prompts, shared prefill, finished rows dropped): {stage_rate:,.0f} generated tokens/s ({stage_tokens} tokens)"
+        f"stage sampler, hf engine (batch {args.batch_size} prompts, shared prefill, finished rows dropped): {stage_rate:,.0f} generated tokens/s ({stage_tokens} tokens)"
     )
     print(f"speedup_vs_loop: {stage_rate / loop_rate:.2f}")
 

@@ -252,6 +252,23 @@ def load_frozen_policy(cfg: ModelConfig, ref: ModelRef, device=None):
     return model.eval()
 
 
+def load_sampling_policy(cfg: ModelConfig, ref: ModelRef, device=None):
+    """``load_frozen_policy`` for a policy that is only sampled (best-of-n, eval, label): an adapter is merged
+    into this in-memory copy of its base (``merge_and_unload``), so each decoding step runs one matmul per
+    layer instead of base + LoRA A + LoRA B. The adapter files on disk are only read.
+
+    A quantized (4-bit / 8-bit) base keeps its adapter unmerged: merging would round base + delta back into
+    4-bit blocks, so the model sampled would no longer be the one trained (the adapter learned against the
+    rounded base, and its small delta is mostly lost to the rounding); dequantizing to merge instead would
+    cost the full-precision memory the quantization is there to save."""
+    from peft import PeftModel
+
+    model = load_frozen_policy(cfg, ref, device)
+    if ref.form == "adapter" and cfg.quantization == "none" and isinstance(model, PeftModel):
+        model = model.merge_and_unload().eval()
+    return model
+
+
 def base_path(ref: ModelRef) -> str:
     if ref.base is None:
         raise PipelineError(f"adapter {ref.path} does not say which base model it belongs to")

@@ -142,19 +142,47 @@ def sample_responses(
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> list[Sample]:
-    """n samples for every prompt, in batches of ``batch_size`` prompts sorted by length.
+    """n samples for every prompt (text or chat messages), in batches of ``batch_size`` prompts sorted by length.
 
     ``progress(prompts_done, tokens_generated, seconds)`` is called after each batch.
     """
     from pipeline.modeling.chat import stop_ids
 
+    encoded = encode_prompts(tokenizer, prompts)
+    chat = any(isinstance(p, list) for p in prompts)
+    return sample_ids(
+        model,
+        encoded,
+        n,
+        max_new_tokens,
+        stop_ids(model, tokenizer, chat),
+        tokenizer.pad_token_id,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def sample_ids(
+    model,
+    encoded: list[list[int]],
+    n: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> list[Sample]:
+    """n samples for every prompt given as token ids (the ``hf`` engine, see ``pipeline.rollout.engine``)."""
     was_training = model.training
     model.eval()
-    encoded = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    chat = any(isinstance(p, list) for p in prompts)
-    eos_ids, pad_id = stop_ids(model, tokenizer, chat), tokenizer.pad_token_id
     samples: list[Sample] = []
     started, generated = time.perf_counter(), 0
     for start in range(0, len(order), batch_size):

@@ -21,11 +21,15 @@ class SamplingSettings(Protocol):
 
 
 def sample_candidates(
-    model, tokenizer, prompts: list[PromptRecord], settings: SamplingSettings, seed: int, bar=None
+    model, tokenizer, prompts: list[PromptRecord], settings: SamplingSettings, seed: int, bar=None, engine=None
 ) -> tuple[list[dict], int]:
-    """Unscored candidates (n per prompt) and the number of tokens generated."""
+    """Unscored candidates (n per prompt) and the number of tokens generated, sampled by ``engine``
+    (a ``pipeline.rollout.engine.SamplingEngine``; default: the ``hf`` engine on ``model``)."""
+    from pipeline.rollout.engine import hf_engine, sample_prompts
+
     progress = (lambda done, tokens, secs: bar.tick(done, tokens, secs)) if bar else None
-    samples = generation.sample_responses(
+    samples = sample_prompts(
+        engine or hf_engine(model, tokenizer, settings.batch_size),
         model,
         tokenizer,
         [p.prompt for p in prompts],
@@ -33,7 +37,6 @@ def sample_candidates(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         top_p=settings.top_p,
-        batch_size=settings.batch_size,
         seed=seed,
         progress=progress,
     )

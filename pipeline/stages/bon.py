@@ -116,6 +116,8 @@ def sample_shards(
     """Generate, score and write each shard in ``todo``; (tokens generated, seconds spent generating).
     Only called when a shard is left, so a rerun with every shard finished loads no model."""
     from pipeline import modeling
+    from pipeline.modeling.loading import load_sampling_policy
+    from pipeline.rollout.engine import hf_engine
     from pipeline.rollout.sampling import ProgressBar, sample_candidates, score_candidates
     from pipeline.rollout.scoring import build_scorer
     from pipeline.util.console import stage_progress
@@ -124,14 +126,17 @@ def sample_shards(
     scorer = build_scorer(cfg.scorer, ctx)
     policy = ctx.model_of(cfg.policy_from)
     tokenizer = modeling.load_tokenizer(recipe.model, path=policy.path, padding_side="left")
-    model = modeling.load_frozen_policy(recipe.model, policy, ctx.device)
+    model = load_sampling_policy(recipe.model, policy, ctx.device)  # an adapter merged (unless quantized)
+    engine = hf_engine(model, tokenizer, cfg.batch_size)
     shard_dir.mkdir(parents=True, exist_ok=True)
     bar = ProgressBar(stage_progress(ctx, "sampling", sum(len(shards[k]) for k in todo), "prompts"))
     generated_tokens, generation_s = 0, 0.0
     for k in todo:
         started = time.perf_counter()
         bar.new_shard()
-        candidates, tokens = sample_candidates(model, tokenizer, shards[k], cfg, seed=shard_seed(ctx.seed, k), bar=bar)
+        candidates, tokens = sample_candidates(
+            model, tokenizer, shards[k], cfg, seed=shard_seed(ctx.seed, k), bar=bar, engine=engine
+        )
         generation_s += time.perf_counter() - started
         generated_tokens += tokens
         score_candidates(candidates, scorer)

@@ -140,17 +140,17 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
 
 def _greedy(ctx: StageContext[EvalStage], model, reference, tokenizer, prompts, prompt_ids, checks, rm):
     """(metrics, responses, reward-model scores or None) of one policy's greedy responses."""
-    from pipeline.rollout import generation
+    from pipeline.rollout import engine, generation
 
     cfg = ctx.cfg
-    samples = generation.sample_responses(
+    samples = engine.sample_prompts(
+        engine.hf_engine(model, tokenizer, cfg.batch_size),
         model,
         tokenizer,
         [p.prompt for p in prompts],
         n=1,
         max_new_tokens=cfg.max_new_tokens,
         temperature=0,
-        batch_size=cfg.batch_size,
     )
     texts = [generation.decode(tokenizer, s) for s in samples]
     metrics = _response_metrics(prompts, texts, [len(s.token_ids) for s in samples], checks)
@@ -194,9 +194,10 @@ def _write_outputs(ctx: StageContext[EvalStage], report: dict, rows: list[dict],
 
 
 def _load(ctx: StageContext[EvalStage], stage: str):
-    from pipeline import modeling
+    """A policy eval only samples and scores: an adapter merged into its base (unless quantized)."""
+    from pipeline.modeling.loading import load_sampling_policy
 
-    return modeling.load_frozen_policy(ctx.recipe.model, ctx.model_of(stage), ctx.device)
+    return load_sampling_policy(ctx.recipe.model, ctx.model_of(stage), ctx.device)
 
 
 def _response_metrics(prompts, texts: list[str], lengths: list[int], checks: dict) -> dict[str, Any]:
@@ -210,16 +211,16 @@ def _response_metrics(prompts, texts: list[str], lengths: list[int], checks: dic
 
 def _kl_estimate(policy, reference, tokenizer, prompts, prompt_ids, cfg: EvalStage, seed: int) -> float:
     """KL(policy || reference) ~ mean over policy samples of log p_policy(y|x) - log p_ref(y|x)."""
-    from pipeline.rollout import generation
+    from pipeline.rollout import engine, generation
 
-    samples = generation.sample_responses(
+    samples = engine.sample_prompts(
+        engine.hf_engine(policy, tokenizer, cfg.batch_size),
         policy,
         tokenizer,
         [p.prompt for p in prompts],
         n=cfg.kl_samples,
         max_new_tokens=cfg.max_new_tokens,
         temperature=1.0,
-        batch_size=cfg.batch_size,
         seed=seed,
     )
     pids = [prompt_ids[s.prompt_index] for s in samples]
