@@ -1,7 +1,7 @@
 """The sampling engine: the one interface best-of-n, eval and the label stage sample through.
 
 An engine takes prompts as token ids (already through the chat template, see
-``generation.encode_prompts``) and returns, for each prompt, n samples with their token ids and finish
+``generation.prompt_inputs``) and returns, for each prompt, n samples with their token ids and finish
 reason ("eos" | "length"), in (prompt, sample) order. Decoding, scoring and selection stay outside it,
 so a backend only has to produce tokens.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from pipeline.rollout.generation import Sample, encode_prompts, sample_ids
+from pipeline.rollout.generation import Sample, prompt_inputs, sample_ids
 
 Progress = Callable[[int, int, float], None]  # (prompts done, tokens generated, seconds)
 
@@ -92,16 +92,5 @@ def sample_prompts(
 ) -> list[Sample]:
     """Text or chat prompts through ``engine``: encoded as SFT saw them, stopped at every id that ends a
     response for this model (``modeling.chat.stop_ids``)."""
-    from pipeline.modeling.chat import stop_ids
-
-    chat = any(isinstance(p, list) for p in prompts)
-    return engine.sample(
-        encode_prompts(tokenizer, prompts),
-        n,
-        max_new_tokens,
-        temperature,
-        top_p,
-        stop_ids(model, tokenizer, chat),
-        seed,
-        progress,
-    )
+    encoded, stops = prompt_inputs(model, tokenizer, prompts)
+    return engine.sample(encoded, n, max_new_tokens, temperature, top_p, stops, seed, progress)

@@ -130,6 +130,15 @@ def sample_batch(
     return [[(tokens[p * n + s], finish[p * n + s]) for s in range(n)] for p in range(batch)]
 
 
+def prompt_inputs(model, tokenizer, prompts: Sequence) -> tuple[list[list[int]], list[int]]:
+    """(token ids of each text or chat prompt, encoded as SFT saw it; every id that ends a response for this
+    model, ``modeling.chat.stop_ids``): what any sampler needs besides the settings."""
+    from pipeline.modeling.chat import stop_ids
+
+    chat = any(isinstance(p, list) for p in prompts)
+    return encode_prompts(tokenizer, prompts), stop_ids(model, tokenizer, chat)
+
+
 def sample_responses(
     model,
     tokenizer,
@@ -146,16 +155,13 @@ def sample_responses(
 
     ``progress(prompts_done, tokens_generated, seconds)`` is called after each batch.
     """
-    from pipeline.modeling.chat import stop_ids
-
-    encoded = encode_prompts(tokenizer, prompts)
-    chat = any(isinstance(p, list) for p in prompts)
+    encoded, stops = prompt_inputs(model, tokenizer, prompts)
     return sample_ids(
         model,
         encoded,
         n,
         max_new_tokens,
-        stop_ids(model, tokenizer, chat),
+        stops,
         tokenizer.pad_token_id,
         temperature=temperature,
         top_p=top_p,
