@@ -213,7 +213,7 @@ def _check_cross_fields(recipe: Recipe, errors: list[str]) -> None:
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
-    """Make data and launch paths absolute (relative ones are relative to the recipe file)."""
+    """Make data, launch and stage PATH_FIELDS paths absolute (relative ones are relative to the recipe file)."""
 
     def absolute(source: DataSource) -> DataSource:
         if source.path is None or Path(source.path).is_absolute():
@@ -221,6 +221,13 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> Recipe:
         return source.model_copy(update={"path": str((base_dir / source.path).resolve())})
 
     recipe = map_sources(recipe, absolute)
+    stages = {}
+    for name, stage in recipe.stages.items():
+        relative = {k: v for k, v in stage.local_paths().items() if not Path(v).expanduser().is_absolute()}
+        absolute_paths = {k: str((base_dir / Path(v).expanduser()).resolve()) for k, v in relative.items()}
+        stages[name] = stage.with_local_paths(absolute_paths) if absolute_paths else stage
+    if any(stages[n] is not recipe.stages[n] for n in stages):
+        recipe = recipe.model_copy(update={"stages": stages})
     if recipe.launch and not Path(recipe.launch).is_absolute():
         recipe = recipe.model_copy(update={"launch": str((base_dir / recipe.launch).resolve())})
     if recipe.launch and not Path(recipe.launch).is_file():

@@ -22,6 +22,9 @@ class StageConfig(Strict):
     # a path may end at a mapping of name -> reference, and '*' stands for every key of a mapping on the way.
     # validate imports each one and checks it can take (row, response) before anything runs.
     FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # dotted field paths holding a local file or folder the stage reads besides its data sources (e.g. a folder of
+    # task definitions): made absolute against the recipe file, and their contents fingerprinted into the stage hash.
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     kind: str
     seed: int | None = Field(None, description="Overrides the recipe seed for this stage.")
@@ -36,6 +39,31 @@ class StageConfig(Strict):
             elif targets:
                 found[path] = targets[0]
         return found
+
+    def local_paths(self) -> dict[str, str]:
+        """field path (dotted) -> path, for every PATH_FIELDS entry that is set."""
+        found = {}
+        for path in self.PATH_FIELDS:
+            node: Any = self
+            for part in path.split("."):
+                node = getattr(node, part, None)
+            if isinstance(node, str):
+                found[path] = node
+        return found
+
+    def with_local_paths(self, paths: dict[str, str]) -> StageConfig:
+        """A copy with the PATH_FIELDS entries of ``paths`` (field path -> new path) replaced."""
+        updated = self
+        for path, value in paths.items():
+            *parents, leaf = path.split(".")
+            chain = [updated]
+            for part in parents:
+                chain.append(getattr(chain[-1], part))
+            node = chain[-1].model_copy(update={leaf: value})
+            for parent, part in zip(reversed(chain[:-1]), reversed(parents)):
+                node = parent.model_copy(update={part: node})
+            updated = node
+        return updated
 
     def functions(self) -> dict[str, str]:
         """key path (dotted, from the stage) -> module:function, for every FUNCTION_FIELDS entry that is set."""

@@ -1,9 +1,14 @@
 """The run report: ``<run_dir>/report.md`` with stages, key metrics, durations, tracker links and plots,
-and the results table ``pipeline run`` prints at the end."""
+and the results table ``pipeline run`` prints at the end.
+
+A stage whose metrics hold ``examples`` (a list of ``{prompt_id, prompt, why, responses: [{policy, response,
+checks, reward}]}``, e.g. eval's) gets its example responses side by side in report.md, whatever its kind.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,9 +70,14 @@ def _hooked(manifest: dict[str, Any], names: list[str], hook: str) -> Iterator[t
         entry = manifest["stages"].get(name, {})
         found = getattr(_kind(entry), hook, None)
         if found is not None and entry.get("status") == "done":
-            path = entry.get("outputs", {}).get("metrics")  # a kind's own metrics file holds more than the manifest
-            metrics = json.loads(Path(path).read_text()) if path and Path(path).is_file() else entry.get("metrics")
-            yield name, entry, found, metrics or {}
+            yield name, entry, found, _full_metrics(entry)
+
+
+def _full_metrics(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stage's metrics file (a kind's own file holds more than the manifest), else the manifest's copy."""
+    path = entry.get("outputs", {}).get("metrics")
+    metrics = json.loads(Path(path).read_text()) if path and Path(path).is_file() else entry.get("metrics")
+    return metrics or {}
 
 
 def stage_tables(
@@ -130,6 +140,7 @@ def write_report(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> P
         parts += ["## Tracking", ""] + links + [""]
     for title, rows in stage_tables(manifest, names):
         parts += [f"## {title[0].upper()}{title[1:]}", "", markdown_table(rows), ""]
+    parts += example_sections(manifest, names)
     figures = _figures(run_dir, manifest, names)
     if figures:
         parts += ["## Plots", ""] + [f"![{title}]({file})" for title, file in figures] + [""]
@@ -161,3 +172,69 @@ def _figures(run_dir: Path, manifest: dict[str, Any], names: list[str]) -> list[
             if copied:
                 figures.append((title.format(name=name), copied))
     return figures
+
+
+# --------------------------------------------------------------------------------------------
+# Example responses side by side
+# --------------------------------------------------------------------------------------------
+
+
+REWARD_COLUMN = "reward"  # the reward model's score of each response
+
+
+def example_sections(manifest: dict[str, Any], names: list[str]) -> list[str]:
+    """Markdown of every finished stage's ``examples``: per prompt, the prompt, then a row per policy."""
+    parts: list[str] = []
+    for name in names:
+        entry = manifest["stages"].get(name, {})
+        examples = _full_metrics(entry).get("examples") if entry.get("status") == "done" else None
+        if not isinstance(examples, list) or not examples:
+            continue
+        parts += [
+            f"## Example responses: `{name}`",
+            "",
+            f"{len(examples)} held-out prompts, each policy's response with its checker results (✓ pass, ✗ fail) "
+            "and, with a reward model, its reward: first where the policies disagree most, then a seeded random "
+            "choice.",
+            "",
+        ]
+        for i, example in enumerate(examples, 1):
+            parts += example_markdown(i, example)
+    return parts
+
+
+def example_markdown(number: int, example: dict[str, Any]) -> list[str]:
+    """One prompt (in a code block, verbatim) and a table row per policy (cells escaped for markdown)."""
+    responses = example.get("responses") or []
+    checks = list(dict.fromkeys(c for r in responses for c in r.get("checks") or {}))
+    rewarded = any(isinstance(r.get("reward"), (int, float)) for r in responses)
+    header = ["policy", "response", *checks, *([REWARD_COLUMN] if rewarded else [])]
+    lines = ["| " + " | ".join(markdown_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for r in responses:
+        verdicts = [{True: "✓", False: "✗"}.get((r.get("checks") or {}).get(c), "-") for c in checks]
+        reward = r.get("reward")
+        score = [f"{reward:.2f}" if isinstance(reward, (int, float)) else "-"] if rewarded else []
+        cells = [markdown_cell(str(r.get("policy", ""))), markdown_cell(str(r.get("response", ""))), *verdicts, *score]
+        lines.append("| " + " | ".join(cells) + " |")
+    why = f": {example['why']}" if example.get("why") else ""
+    heading = f"### {number}. prompt `{example.get('prompt_id', '?')}`{why}"
+    return [heading, "", *fenced(str(example.get("prompt", ""))), "", *lines, ""]
+
+
+# Characters markdown would read as markup inside a table cell; HTML's own three become entities.
+_CELL_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|"} | {c: "\\" + c for c in "\\`*[]~$#"})
+# An underscore inside a word (preference_pass) is no emphasis in CommonMark; only the others need escaping.
+_LOOSE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` as one markdown table cell that shows it verbatim: markup escaped, newlines as <br>."""
+    escaped = _LOOSE_UNDERSCORE.sub(r"\\_", text.strip().translate(_CELL_ESCAPES))
+    return "<br>".join(escaped.splitlines()) or "(empty)"
+
+
+def fenced(text: str) -> list[str]:
+    """``text`` in a fenced code block whose fence is longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", text, fence]

@@ -163,6 +163,11 @@ def data_fingerprints(stage_cfg) -> dict[str, str]:
             found[str(p)] = file_fingerprint(p) if p.is_file() else "missing"
         elif source.hub:
             found[f"hub:{source.hub}/{source.subset}[{source.split}]"] = "hub"
+    for _, local in stage_cfg.local_paths().items():  # e.g. a folder of task definitions: every file in it
+        root = Path(local)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for p in files:
+            found[str(p)] = file_fingerprint(p) if p.is_file() else "missing"
     return found
 
 

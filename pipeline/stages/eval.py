@@ -5,12 +5,15 @@ alignment gained; gold_accuracy: the capability kept -- the alignment tax), the 
 score, the win rate against the reference policy judged by the reward model, the KL to the reference
 estimated from samples, and the mean response length. Best-of-n is evaluated as a selection policy:
 n samples from its policy, its scorer picks one; the first sample's figures are reported beside it.
+With ``harness``, lm-evaluation-harness tasks score every policy too (pipeline.stages.harness); ``examples``
+puts a few prompts with every policy's response side by side in the report (pipeline.stages.eval_examples).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -21,7 +24,8 @@ from pipeline.data.prompts import stage_prompts
 from pipeline.observe import plots
 from pipeline.rollout import selection
 from pipeline.run.context import StageContext
-from pipeline.stages import input_files
+from pipeline.stages import eval_examples, harness, input_files
+from pipeline.stages.harness import HarnessConfig
 from pipeline.util.console import stage_progress
 from pipeline.util.files import write_json_atomic, write_jsonl_atomic
 from pipeline.util.text import markdown_table, text_table
@@ -38,6 +42,7 @@ class EvalStage(StageConfig):
         "reward_from": (REWARD_MODEL,),
     }
     FUNCTION_FIELDS: ClassVar[tuple[str, ...]] = ("checkers",)
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("harness.include_path",)
 
     kind: Literal["eval"] = "eval"
     prompts: Sources
@@ -58,7 +63,23 @@ class EvalStage(StageConfig):
         None, description="A checker name or reward_mean; default: the first checker, else reward_mean."
     )
     capability_metric: str | None = Field(
-        None, description="A checker name (capability kept, e.g. gold_accuracy); default: the second checker."
+        None,
+        description="A checker name (capability kept, e.g. gold_accuracy) or a harness metric "
+        "(harness/<task>/<metric>, e.g. harness/hellaswag/acc_norm); default: the second checker.",
+    )
+    harness: HarnessConfig | None = Field(
+        None,
+        description="lm-evaluation-harness tasks run on every policy (the [eval] extra); scores as "
+        "harness/<task>/<metric>.",
+        # left out of dumps when absent: the stage hashes of runs finished before the key existed stay cached
+        exclude_if=lambda value: value is None,
+    )
+    examples: int = Field(
+        4,
+        ge=0,
+        description="Held-out prompts shown in the report with every policy's response, checker results and reward "
+        "side by side: half where the policies disagree most, half a seeded random choice. 0: none.",
+        exclude_if=lambda value: value == 4,  # the default stays out of stage hashes, as harness's
     )
 
     _refs = field_validator("checkers")(classmethod(lambda cls, value: function_refs(value)))
@@ -68,10 +89,16 @@ class EvalStage(StageConfig):
         known = [*self.checkers, *(["reward_mean"] if self.reward_from else [])]
         for key in ("alignment_metric", "capability_metric"):
             value = getattr(self, key)
-            if value is not None and value not in known:
-                raise ValueError(
-                    f"{key}: {value!r} is not measured here; one of: {', '.join(known) or '(no checkers or reward_from)'}"
-                )
+            if value is None or value in known:
+                continue
+            if self.harness is not None and value.startswith(harness.PREFIX):
+                problem = harness.metric_name_problem(value, self.harness)
+                if problem:
+                    raise ValueError(f"{key}: {problem}")
+                continue
+            options = ", ".join(known) or "(no checkers or reward_from)"
+            also = " or harness/<task>/<metric>" if self.harness else " (or a harness metric, with harness: set)"
+            raise ValueError(f"{key}: {value!r} is not measured here; one of: {options}{also}")
         return self
 
     def frontier_axes(self) -> tuple[str | None, str | None]:
@@ -96,50 +123,105 @@ def run(ctx: StageContext[EvalStage]) -> dict[str, Any]:
     tokenizer = modeling.load_tokenizer(recipe.model, path=ctx.model_of(cfg.reference).path, padding_side="left")
     prompt_ids = generation.encode_prompts(tokenizer, [p.prompt for p in prompts])
     reference = _load(ctx, cfg.reference)
+    bench = _harness(ctx) if cfg.harness else None  # the tasks are indexed before any policy runs
 
-    results: dict[str, dict[str, Any]] = {}
-    rewards: dict[str, list[float]] = {}
-    rows = []
-    names = [cfg.reference] + [n for n in cfg.policies if n != cfg.reference]
-    bar = stage_progress(ctx, "evaluating", len(names) + bool(cfg.bon_from), "policies")
-    for name in names:
-        bar.update(bar.done, name)
-        model = reference if name == cfg.reference else _load(ctx, name)
-        results[name], texts, scores = _greedy(ctx, model, reference, tokenizer, prompts, prompt_ids, checks, rm)
-        if scores is not None:
-            rewards[name] = scores
-        rows.extend(
-            {"policy": name, "prompt_id": p.prompt_id, "response": t, **({"reward": scores[i]} if rm else {})}
-            for i, (p, t) in enumerate(zip(prompts, texts))
-        )
-        if model is not reference:
-            del model
-        bar.advance()
-
-    if cfg.bon_from:
-        bar.update(bar.done, "bon")
-        results["bon"], bon_texts, bon_rewards = _best_of_n(ctx, prompts, checks, rm, loaded={cfg.reference: reference})
-        if bon_rewards is not None:
-            rewards["bon"] = bon_rewards
-        rows.extend({"policy": "bon", "prompt_id": p.prompt_id, "response": t} for p, t in zip(prompts, bon_texts))
-        bar.advance()
-    bar.close("done")
-
+    results, rewards, rows = _evaluate_policies(ctx, prompts, prompt_ids, checks, rm, tokenizer, reference, bench)
     if rm is not None:
         base = rewards[cfg.reference]
         for name, scores in rewards.items():
             wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base)]
             results[name][f"win_rate_vs_{cfg.reference}"] = round(statistics.fmean(wins), 4)
 
-    report = {"prompts": prompt_stats["prompts"], "reference": cfg.reference, "policies": results}
+    report: dict[str, Any] = {"prompts": prompt_stats["prompts"], "reference": cfg.reference, "policies": results}
+    if bench is not None:
+        report["harness"] = bench.info
     report["frontier"] = frontier(cfg, results)
+    if cfg.examples:
+        report["examples"] = eval_examples.pick(prompts, rows, cfg.examples, ctx.seed)
+    said = _missing_axes(report["frontier"], results)
+    if said:
+        report["warnings"] = said
     _write_outputs(ctx, report, rows, rewards)
     ctx.say(text_table(policy_rows(report, first_samples=False)))
+    if bench is not None:
+        scores_title, scores = harness_table(report)
+        ctx.say(f"{scores_title}:\n{text_table(scores)}")
     return report  # the stage's metrics.json is this report (the runner rewrites it from what a stage returns)
 
 
+@dataclass
+class Responses:
+    """One policy's responses to the held-out prompts, each checker's verdict on each, and reward-model scores."""
+
+    texts: list[str]
+    checks: list[dict[str, bool]]
+    rewards: list[float] | None = None
+
+    def rows(self, policy: str, prompts) -> list[dict[str, Any]]:
+        """responses.jsonl rows: policy, prompt_id, response, checks (with checkers), reward (with a reward model)."""
+        return [
+            {"policy": policy, "prompt_id": p.prompt_id, "response": text}
+            | ({"checks": self.checks[i]} if self.checks[i] else {})
+            | ({"reward": self.rewards[i]} if self.rewards is not None else {})
+            for i, (p, text) in enumerate(zip(prompts, self.texts))
+        ]
+
+
+def _evaluate_policies(ctx: StageContext[EvalStage], prompts, prompt_ids, checks, rm, tokenizer, reference, bench):
+    """(metrics by policy, reward-model scores by policy, responses.jsonl rows): every policy, then best-of-n."""
+    cfg = ctx.cfg
+    results: dict[str, dict[str, Any]] = {}
+    rewards: dict[str, list[float]] = {}
+    rows: list[dict[str, Any]] = []
+    names = [cfg.reference] + [n for n in cfg.policies if n != cfg.reference]
+    bar = stage_progress(ctx, "evaluating", len(names) + bool(cfg.bon_from), "policies")
+    for name in names:
+        bar.update(bar.done, name)
+        model = reference if name == cfg.reference else _load(ctx, name)
+        results[name], responses = _greedy(ctx, model, reference, tokenizer, prompts, prompt_ids, checks, rm)
+        if bench is not None:
+            bar.update(bar.done, f"{name}: lm-eval tasks")
+            scores, stderr = bench.scores(name, model)
+            results[name].update(scores, **({"harness_stderr": stderr} if stderr else {}))
+        if responses.rewards is not None:
+            rewards[name] = responses.rewards
+        rows.extend(responses.rows(name, prompts))
+        if model is not reference:
+            del model
+        bar.advance()
+
+    if cfg.bon_from:
+        bar.update(bar.done, "bon")
+        results["bon"], responses = _best_of_n(ctx, prompts, checks, rm, loaded={cfg.reference: reference})
+        if responses.rewards is not None:
+            rewards["bon"] = responses.rewards
+        rows.extend(responses.rows("bon", prompts))
+        bar.advance()
+    bar.close("done")
+    return results, rewards, rows
+
+
+def _harness(ctx: StageContext[EvalStage]) -> harness.Harness:
+    """The stage's lm-eval tasks, with a tokenizer of their own (lm_eval sets its padding side and pad token)."""
+    from pipeline import modeling
+
+    tokenizer = modeling.load_tokenizer(ctx.recipe.model, path=ctx.model_of(ctx.cfg.reference).path)
+    return harness.Harness(ctx.recipe, ctx.name, ctx.cfg.harness, tokenizer)
+
+
+def _missing_axes(data: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str]:
+    """A frontier axis naming a harness metric no policy has (a metric the task does not report)."""
+    said = []
+    for axis in ("alignment", "capability"):
+        wanted = data.get(axis)
+        if wanted and wanted.startswith(harness.PREFIX) and not any(wanted in m for m in results.values()):
+            found = sorted({k for m in results.values() for k in m if k.startswith(harness.PREFIX)})
+            said.append(f"{axis} axis {wanted!r}: no policy has it; the harness reported: {', '.join(found) or 'none'}")
+    return said
+
+
 def _greedy(ctx: StageContext[EvalStage], model, reference, tokenizer, prompts, prompt_ids, checks, rm):
-    """(metrics, responses, reward-model scores or None) of one policy's greedy responses."""
+    """(metrics, Responses) of one policy's greedy responses."""
     from pipeline.rollout import engine, generation
 
     cfg = ctx.cfg
@@ -153,16 +235,16 @@ def _greedy(ctx: StageContext[EvalStage], model, reference, tokenizer, prompts, 
         temperature=0,
     )
     texts = [generation.decode(tokenizer, s) for s in samples]
-    metrics = _response_metrics(prompts, texts, [len(s.token_ids) for s in samples], checks)
-    scores = None
+    responses = Responses(texts, _checked(prompts, texts, checks))
+    metrics = _response_metrics(responses.checks, [len(s.token_ids) for s in samples], checks)
     if rm is not None:
-        scores = rm.score([{"prompt": p.prompt, "response": t} for p, t in zip(prompts, texts)])
-        metrics["reward_mean"] = round(statistics.fmean(scores), 4)
+        responses.rewards = rm.score([{"prompt": p.prompt, "response": t} for p, t in zip(prompts, texts)])
+        metrics["reward_mean"] = round(statistics.fmean(responses.rewards), 4)
     if model is reference:
         metrics["kl_to_ref"] = 0.0
     elif cfg.kl_samples:
         metrics["kl_to_ref"] = _kl_estimate(model, reference, tokenizer, prompts, prompt_ids, cfg, seed=ctx.seed)
-    return metrics, texts, scores
+    return metrics, responses
 
 
 def frontier(cfg: EvalStage, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -200,11 +282,13 @@ def _load(ctx: StageContext[EvalStage], stage: str):
     return load_sampling_policy(ctx.recipe.model, ctx.model_of(stage), ctx.device)
 
 
-def _response_metrics(prompts, texts: list[str], lengths: list[int], checks: dict) -> dict[str, Any]:
-    metrics = {
-        name: round(statistics.fmean(bool(check(p.row, t)) for p, t in zip(prompts, texts)), 4)
-        for name, check in checks.items()
-    }
+def _checked(prompts, texts: list[str], checks: dict) -> list[dict[str, bool]]:
+    """Each checker's verdict on each response."""
+    return [{name: bool(check(p.row, t)) for name, check in checks.items()} for p, t in zip(prompts, texts)]
+
+
+def _response_metrics(checked: list[dict[str, bool]], lengths: list[int], checks: dict) -> dict[str, Any]:
+    metrics = {name: round(statistics.fmean(c[name] for c in checked), 4) for name in checks}
     metrics["response_length"] = round(statistics.fmean(lengths), 2)
     return metrics
 
@@ -256,29 +340,34 @@ def _best_of_n(ctx: StageContext[EvalStage], prompts, checks, rm, loaded: dict):
         by_prompt.get(p.prompt_id, first[p.prompt_id]) for p in prompts
     ]  # no valid sample: fall back to the first
     texts = [c["response"] for c in chosen]
-    metrics = _response_metrics(prompts, texts, [c["n_tokens"] for c in chosen], checks)
+    responses = Responses(texts, _checked(prompts, texts, checks))
+    metrics = _response_metrics(responses.checks, [c["n_tokens"] for c in chosen], checks)
     firsts = [first[p.prompt_id] for p in prompts]
+    first_texts = [c["response"] for c in firsts]
     metrics["first_sample"] = _response_metrics(
-        prompts, [c["response"] for c in firsts], [c["n_tokens"] for c in firsts], checks
+        _checked(prompts, first_texts, checks), [c["n_tokens"] for c in firsts], checks
     )
     metrics["n"] = bon.n
     # Best-of-n's KL to its sampling policy is known in closed form: log n - (n - 1) / n.
     metrics["kl_to_ref"] = round(math.log(bon.n) - (bon.n - 1) / bon.n, 4)
-    rewards = None
     if rm is not None:
-        rewards = rm.score([{"prompt": p.prompt, "response": t} for p, t in zip(prompts, texts)])
-        metrics["reward_mean"] = round(statistics.fmean(rewards), 4)
-        first_rewards = rm.score([{"prompt": p.prompt, "response": c["response"]} for p, c in zip(prompts, firsts)])
+        responses.rewards = rm.score([{"prompt": p.prompt, "response": t} for p, t in zip(prompts, texts)])
+        metrics["reward_mean"] = round(statistics.fmean(responses.rewards), 4)
+        first_rewards = rm.score([{"prompt": p.prompt, "response": t} for p, t in zip(prompts, first_texts)])
         metrics["first_sample"]["reward_mean"] = round(statistics.fmean(first_rewards), 4)
-    return metrics, texts, rewards
+    return metrics, responses
 
 
 def policy_rows(eval_metrics: dict[str, Any], first_samples: bool = True) -> list[list[str]]:
     """One row per evaluated policy (and, for best-of-n, its first sample's figures)."""
     policies = eval_metrics.get("policies", {})
     keys: list[str] = []
-    for m in policies.values():
-        keys += [k for k, v in m.items() if isinstance(v, (int, float)) and k not in keys and k != "n"]
+    for m in policies.values():  # harness scores are not on these prompts: their own table (harness_table)
+        keys += [
+            k
+            for k, v in m.items()
+            if isinstance(v, (int, float)) and k not in keys and k != "n" and not k.startswith(harness.PREFIX)
+        ]
     rows = [["policy"] + keys]
     for name, m in policies.items():
         rows.append([name] + [f"{m[k]:.3f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys])
@@ -296,7 +385,31 @@ def tables(metrics: dict[str, Any], detailed: bool) -> dict[str, tuple[str, list
     if not isinstance(metrics.get("policies"), dict):
         return {}
     title = f"held-out evaluation ({metrics.get('prompts')} prompts, reference `{metrics.get('reference')}`)"
-    return {"policies": (title, policy_rows(metrics, first_samples=detailed))}
+    found = {"policies": (title, policy_rows(metrics, first_samples=detailed))}
+    if isinstance(metrics.get("harness"), dict):
+        found["harness"] = harness_table(metrics)
+    return found
+
+
+def harness_table(metrics: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    """(title, rows) of the lm-eval scores: a row per policy, a column per task metric, '± standard error'."""
+    policies = {name: m for name, m in metrics["policies"].items() if any(k.startswith(harness.PREFIX) for k in m)}
+    keys = list(dict.fromkeys(k for m in policies.values() for k in m if k.startswith(harness.PREFIX)))
+    rows = [["policy"] + [k.removeprefix(harness.PREFIX) for k in keys]]
+    for name, m in policies.items():
+        stderr = m.get("harness_stderr") or {}
+        cells = []
+        for key in keys:
+            value, error = m.get(key), stderr.get(key.removeprefix(harness.PREFIX))
+            cells.append("-" if value is None else f"{value:.3f}" + (f" ± {error:.3f}" if error is not None else ""))
+        rows.append([name] + cells)
+    info = metrics["harness"]
+    shots, samples = info.get("num_fewshot") or {}, info.get("samples") or {}
+    tasks = "; ".join(
+        f"{task}: {samples.get(task, '?')} examples, {shots.get(task, '?')}-shot" for task in samples or info["tasks"]
+    )
+    version = f" {info['lm_eval']}" if info.get("lm_eval") else ""
+    return f"benchmark scores (lm-evaluation-harness{version}; {tasks})", rows
 
 
 def headline(metrics: dict[str, Any], figure) -> list[str]:
@@ -329,6 +442,11 @@ def headline(metrics: dict[str, Any], figure) -> list[str]:
     ]
 
 
+def data_checks(recipe, name: str) -> list:
+    """validate: the held-out prompts read as the stage will, the harness folder and task names."""
+    return [*input_files.prompts(recipe, name), *harness.checks(recipe, name)]
+
+
 def memory(recipe, name: str, prompt_tokens: int | None = None):
     """plan: greedy decoding of batch_size prompts with the reference policy resident; KL samples score
     batch_size sequences with full logits."""
@@ -356,7 +474,7 @@ KIND = register(
         config=EvalStage,
         run=run,
         memory=memory,
-        data_checks=input_files.prompts,
+        data_checks=data_checks,
         outputs=("metrics", "responses", "reward_distribution", "frontier"),
         key_metrics=("prompts",),
         plots={"reward_distribution": "{name}: reward per policy"},
