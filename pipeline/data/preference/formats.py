@@ -286,6 +286,12 @@ def _from_explicit(row: dict, where: str) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected, where, meta)
 
 
+def explicit_pair(row: dict, where: str) -> PreferencePair:
+    """One explicit row (prompt, chosen, rejected) as a pair; RowProblem when it is bad. For callers that read
+    rows one by one with checks of their own (preference benchmarks)."""
+    return _from_explicit(row, where)
+
+
 def _from_conversational(row: dict, where: str) -> PreferencePair:
     chosen = clean_messages(_need(row, "chosen"), "chosen")
     rejected = clean_messages(_need(row, "rejected"), "rejected")

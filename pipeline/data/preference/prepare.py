@@ -60,6 +60,11 @@ def _source_counts(stats: dict[str, Any]) -> dict[str, Any]:
     return {"read": stats["rows"], "kept": stats["pairs"], "dropped": dict(stats.get("dropped") or {})}
 
 
+def render_pair(pair: PreferencePair, template: str) -> PreferencePair:
+    """A pair as a stage with ``data.template`` = ``template`` renders its training pairs (none: as written)."""
+    return pair if template == "none" else _rendered(pair, template)
+
+
 def _rendered(pair: PreferencePair, template: str) -> PreferencePair:
     """A plain-text prompt is an instruction: render it as SFT prompts were rendered."""
     if pair.conversational:
