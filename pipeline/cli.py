@@ -96,13 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export the model of STAGE in the run directory RUN_DIR to OUT_DIR: a LoRA adapter is merged "
         "into its base (loaded in full precision, also for 4-bit/8-bit recipes) and saved with the tokenizer; a "
         "full-weight model is copied as is. Loads with plain AutoModelForCausalLM.from_pretrained(OUT_DIR). "
-        "Example: pipeline export runs/demo dpo exported/demo-dpo",
+        "OUT_DIR/README.md is its model card: the lineage from the base model through every stage it was built "
+        "from (data fingerprints, settings, metrics) and its evaluation. "
+        "Example: pipeline export runs/demo dpo exported/demo-dpo --push-to-hub my-org/demo-dpo --private",
     )
     p.add_argument(
         "run_dir", metavar="RUN_DIR", help="the run directory (a recipe's --output-dir, default runs/<name>)"
     )
     p.add_argument("stage", metavar="STAGE", help="a finished training stage (sft, reward, dpo ...)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write the model; must not exist or be empty")
+    p.add_argument(
+        "--license",
+        metavar="ID",
+        help="the model card's license, a Hub license id (apache-2.0, mit, llama3.1, other ...); default: none "
+        "written, the base model's and the data's licenses apply",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="then upload OUT_DIR to this Hub model repo (NAME or NAMESPACE/NAME; created when missing). Needs a "
+        "token with write access: `hf auth login` or HF_TOKEN. If the push fails the export is kept, and the same "
+        "command again only pushes it",
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     return parser
 
 
@@ -169,7 +185,11 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from pipeline.run.export import export
 
-        export(args.run_dir, args.stage, args.out_dir)
+        if args.private and not args.push_to_hub:
+            raise PipelineError("export: --private applies to a repo that --push-to-hub REPO_ID creates; add it")
+        export(
+            args.run_dir, args.stage, args.out_dir, license=args.license, push_to=args.push_to_hub, private=args.private
+        )
         return 0
 
     recipe_path = args.recipe or default_recipe()

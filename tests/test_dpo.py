@@ -331,6 +331,8 @@ def test_export_merges_a_lora_adapter_into_a_plain_model(sft_runs, tmp_path):
     prompts = [pair(r)["prompt"] for r in read_jsonl(TINY / "prompts_eval.jsonl")[:6]]
     assert generate(merged, tok, prompts) == generate(adapter_model, tok, prompts)
     assert json.loads((out_dir / "export.json").read_text())["merged_adapter"] is True
+    card = (out_dir / "README.md").read_text()  # the model card says an adapter was merged
+    assert "- peft\n- lora\n" in card.split("\n---\n")[0] and "its LoRA adapter merged into the base" in card
 
 
 def test_export_of_a_4bit_adapter_and_of_a_full_model(sft_runs, tmp_path):
