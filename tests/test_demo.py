@@ -68,17 +68,19 @@ def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(tmp_path):
 
     policies = json.loads((run_dir / "eval" / "metrics.json").read_text())["policies"]
     sft, bon, dpo = policies["sft"], policies["bon"], policies["dpo"]
-    # capability present, alignment missing after SFT
-    assert sft["gold_accuracy"] >= 0.50 and sft["preference_pass"] <= 0.50
-    # the reward model tells preferred from not on held-out labelled policy samples
+    # The README's claims, as the floors every run over 5 seeds x 2 thread counts cleared (bench/seeds.py), not one
+    # machine's figures: float order differs between CPUs, so exact values do not carry over.
+    # SFT learns the tasks but not the preferred style
+    assert sft["gold_accuracy"] >= 0.85 and sft["preference_pass"] <= 0.05
+    # the reward model tells preferred from not on held-out labelled policy samples (also its gate)
     assert manifest["reward"]["metrics"]["heldout_accuracy"] >= 0.90
     # best-of-8 by the reward model, and DPO, gain alignment; DPO keeps the capability
     assert bon["preference_pass"] >= sft["preference_pass"] + 0.20
-    assert dpo["preference_pass"] >= sft["preference_pass"] + 0.20
+    assert dpo["preference_pass"] >= sft["preference_pass"] + 0.50
     assert dpo["gold_accuracy"] >= sft["gold_accuracy"] - 0.03
     assert manifest["dpo"]["metrics"]["heldout_reward_accuracy"] >= 0.80
-    # length-grouped batches: almost no compute on padding in any training stage
-    assert manifest["sft"]["metrics"]["nonpad_token_share"] >= 0.95
+    # SFT on random batches (the recipe: grouped ones skew what it learns here), reward and DPO pairs length-grouped
+    assert 0.60 <= manifest["sft"]["metrics"]["nonpad_token_share"] < 0.95
     assert manifest["reward"]["metrics"]["nonpad_token_share"] >= 0.90
     assert manifest["dpo"]["metrics"]["nonpad_token_share"] >= 0.90
     for name in ("sft", "rs_sft", "dpo", "bon"):

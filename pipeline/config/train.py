@@ -38,8 +38,9 @@ class TrainConfig(Strict):
         description="How rows form batches. padded: random batches, padded to their longest row. grouped: rows of "
         "similar length batched together (sorted within large random buckets; every row once per epoch). packed: "
         "SFT rows packed into max_length sequences with no padding (position_ids keep attention within each row; "
-        "batch_size then counts max_length blocks). auto: packed for SFT on a GPU, grouped otherwise (packing is "
-        "slower on CPU).",
+        "batch_size then counts max_length blocks); grouping skews SFT batches where length follows content (one "
+        "task or style per batch). auto: SFT packed on a GPU and padded on CPU (where packing is slower); reward "
+        "and DPO pairs grouped.",
     )
     # Escape hatch: extra fields of the TRL config class, checked against it at run time.
     trainer_extra: dict[str, Any] = {}
