@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -86,6 +89,27 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
         env=full_env,
         timeout=timeout,
     )
+
+
+@dataclass
+class DemoRun:
+    run_dir: Path
+    result: subprocess.CompletedProcess | None  # None: copied from PIPELINE_DEMO_RUN
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def shared_demo_run(tmp_path_factory) -> DemoRun:
+    """The README's demo (``python -m pipeline run``), run once per session: test_demo checks it and then reruns
+    into it, the model-card tests export copies of it. PIPELINE_DEMO_RUN=DIR copies a finished run instead."""
+    run_dir = tmp_path_factory.mktemp("demo") / "demo"
+    given = os.environ.get("PIPELINE_DEMO_RUN")
+    started = time.time()
+    if given:
+        shutil.copytree(given, run_dir)  # a moved run directory: the manifest's paths follow it
+        return DemoRun(run_dir, None, time.time() - started)
+    result = run_cli("run", "--output-dir", str(run_dir), timeout=1200)
+    return DemoRun(run_dir, result, time.time() - started)
 
 
 @pytest.fixture(scope="session")

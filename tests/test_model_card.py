@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import os
 import re
 import shutil
 import socket
@@ -447,16 +446,13 @@ def test_push_arguments_are_checked_before_anything_is_exported(hand_run, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """The README's demo, run once for this module's card tests; PIPELINE_DEMO_RUN=DIR copies a finished demo run
-    directory instead (the demo takes minutes, more on a busy machine)."""
-    run_dir = tmp_path_factory.mktemp("demo") / "run"
-    given = os.environ.get("PIPELINE_DEMO_RUN")
-    if given:
-        shutil.copytree(given, run_dir)  # a moved run directory: the manifest's paths follow it
-        return run_dir
-    out = run_cli("run", "--output-dir", str(run_dir), timeout=3000)
-    assert out.returncode == 0, out.stderr[-4000:]
+def demo_run(shared_demo_run, tmp_path_factory) -> Path:
+    """A copy of the session's demo run (conftest: run once, shared with test_demo), for this module's card tests."""
+    assert shared_demo_run.result is None or shared_demo_run.result.returncode == 0, shared_demo_run.result.stderr[
+        -4000:
+    ]
+    run_dir = tmp_path_factory.mktemp("demo-card") / "run"
+    shutil.copytree(shared_demo_run.run_dir, run_dir)  # a moved run directory: the manifest's paths follow it
     return run_dir
 
 
