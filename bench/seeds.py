@@ -62,6 +62,9 @@ def run_once(recipe: str, seed: int, threads: str, out: Path) -> dict:
         metrics = entry.get("metrics") or {}
         if "heldout_accuracy" in metrics:
             figures[f"{name}.heldout_accuracy"] = metrics["heldout_accuracy"]
+        for bench, scores in (metrics.get("benchmarks") or {}).items():  # a reward stage's preference benchmarks
+            figures[f"{name}.{bench}.accuracy"] = scores["accuracy"]
+            figures.update({f"{name}.{bench}.{s}": v["accuracy"] for s, v in scores.get("subsets", {}).items()})
         path = (entry.get("outputs") or {}).get("metrics")
         if path and Path(path).is_file():
             for policy, values in json.loads(Path(path).read_text()).get("policies", {}).items():
