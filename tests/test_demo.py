@@ -78,6 +78,13 @@ def test_demo_pipeline_end_to_end_caching_and_targeted_rerun(shared_demo_run):
     assert dpo["preference_pass"] >= sft["preference_pass"] + 0.50
     assert dpo["gold_accuracy"] >= sft["gold_accuracy"] - 0.03
     assert manifest["dpo"]["metrics"]["heldout_reward_accuracy"] >= 0.80
+    # the built-in preference benchmark, per subset: the reward model learns style (chatter 1.00 in every sweep run)
+    bench = manifest["reward"]["metrics"]["benchmarks"]["tiny"]
+    assert {name: s["pairs"] for name, s in bench["subsets"].items()} == dict.fromkeys(
+        ("chatter", "rude", "format", "correctness"), 50
+    )
+    assert bench["subsets"]["chatter"]["accuracy"] >= 0.90 and bench["accuracy"] >= 0.70
+    assert "## Reward model on preference benchmarks" in report and "## Example responses: `eval`" in report
     # SFT on random batches (the recipe: grouped ones skew what it learns here), reward and DPO pairs length-grouped
     assert 0.60 <= manifest["sft"]["metrics"]["nonpad_token_share"] < 0.95
     assert manifest["reward"]["metrics"]["nonpad_token_share"] >= 0.90
