@@ -94,20 +94,16 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 @dataclass
 class DemoRun:
     run_dir: Path
-    result: subprocess.CompletedProcess | None  # None: copied from PIPELINE_DEMO_RUN
+    result: subprocess.CompletedProcess
     seconds: float
 
 
 @pytest.fixture(scope="session")
 def shared_demo_run(tmp_path_factory) -> DemoRun:
     """The README's demo (``python -m pipeline run``), run once per session: test_demo checks it and then reruns
-    into it, the model-card tests export copies of it. PIPELINE_DEMO_RUN=DIR copies a finished run instead."""
+    into it, the model-card tests export copies of it."""
     run_dir = tmp_path_factory.mktemp("demo") / "demo"
-    given = os.environ.get("PIPELINE_DEMO_RUN")
     started = time.time()
-    if given:
-        shutil.copytree(given, run_dir)  # a moved run directory: the manifest's paths follow it
-        return DemoRun(run_dir, None, time.time() - started)
     result = run_cli("run", "--output-dir", str(run_dir), timeout=1200)
     return DemoRun(run_dir, result, time.time() - started)
 
@@ -191,7 +187,6 @@ def policy_run(tmp_path_factory):
 @pytest.fixture
 def policy_copy(policy_run, tmp_path):
     """A private copy of the trained policy's run directory: (recipe path, run dir)."""
-    import shutil
 
     path, run_dir = policy_run
     copy = tmp_path / "run"

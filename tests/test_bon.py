@@ -69,6 +69,7 @@ def test_greedy_sampler_equals_generate_with_padding_and_dropped_rows(tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.rollout import generation
+    from pipeline.rollout.engine import hf_engine, sample_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -82,7 +83,7 @@ def test_greedy_sampler_equals_generate_with_padding_and_dropped_rows(tiny_model
     greedy = model.generate(**first, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
     eos = int(greedy[0, first["input_ids"].shape[1] + 2])
     model.generation_config.eos_token_id = eos
-    samples = generation.sample_responses(model, tok, prompts, n=2, max_new_tokens=12, temperature=0, batch_size=5)
+    samples = sample_prompts(hf_engine(model, tok, 5), model, tok, prompts, n=2, max_new_tokens=12, temperature=0)
     assert len({len(generation.encode_prompts(tok, [p])[0]) for p in prompts}) > 1  # mixed lengths: padding used
     finished_early = 0
     for i, prompt in enumerate(prompts):
@@ -99,17 +100,17 @@ def test_greedy_sampler_equals_generate_with_padding_and_dropped_rows(tiny_model
 def test_sampling_is_seeded_and_top_p_restricts(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.rollout import generation
+    from pipeline.rollout.engine import hf_engine, sample_prompts
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = ["Below is an instruction", "Hello"]
-    a = generation.sample_responses(model, tok, prompts, n=3, max_new_tokens=8, seed=5)
-    b = generation.sample_responses(model, tok, prompts, n=3, max_new_tokens=8, seed=5)
-    c = generation.sample_responses(model, tok, prompts, n=3, max_new_tokens=8, seed=6)
+    a = sample_prompts(hf_engine(model, tok), model, tok, prompts, n=3, max_new_tokens=8, seed=5)
+    b = sample_prompts(hf_engine(model, tok), model, tok, prompts, n=3, max_new_tokens=8, seed=5)
+    c = sample_prompts(hf_engine(model, tok), model, tok, prompts, n=3, max_new_tokens=8, seed=6)
     assert [s.token_ids for s in a] == [s.token_ids for s in b] != [s.token_ids for s in c]
-    tiny_p = generation.sample_responses(model, tok, prompts, n=3, max_new_tokens=8, top_p=1e-6, seed=7)
-    greedy = generation.sample_responses(model, tok, prompts, n=3, max_new_tokens=8, temperature=0)
+    tiny_p = sample_prompts(hf_engine(model, tok), model, tok, prompts, n=3, max_new_tokens=8, top_p=1e-6, seed=7)
+    greedy = sample_prompts(hf_engine(model, tok), model, tok, prompts, n=3, max_new_tokens=8, temperature=0)
     assert [s.token_ids for s in tiny_p] == [s.token_ids for s in greedy]  # top_p -> 0 keeps only the top token
 
 

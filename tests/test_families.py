@@ -343,6 +343,7 @@ def test_sft_labels_hold_the_end_of_turn_and_greedy_generation_stops(full_run):
     from pipeline import modeling
     from pipeline.modeling.chat import end_of_turn_ids
     from pipeline.rollout import generation
+    from pipeline.rollout.engine import hf_engine, sample_prompts
 
     family, recipe, run_dir, manifest = full_run
     ref = modeling.ModelRef.from_dict(manifest["stages"]["sft"]["outputs"]["model"])
@@ -351,7 +352,7 @@ def test_sft_labels_hold_the_end_of_turn_and_greedy_generation_stops(full_run):
     prompts = [
         json.loads(line)["messages"][:1] for line in (run_dir.parent / "messages.jsonl").read_text().splitlines()
     ]
-    samples = generation.sample_responses(model, tok, prompts, n=1, max_new_tokens=24, temperature=0)
+    samples = sample_prompts(hf_engine(model, tok), model, tok, prompts, n=1, max_new_tokens=24, temperature=0)
     stopped = [s for s in samples if s.finish_reason == "eos" and len(s.token_ids) < 24]
     assert len(stopped) >= len(samples) - 1, [generation.decode(tok, s) for s in samples]
     turn_end = end_of_turn_ids(tok)[0]

@@ -448,9 +448,7 @@ def test_push_arguments_are_checked_before_anything_is_exported(hand_run, tmp_pa
 @pytest.fixture(scope="module")
 def demo_run(shared_demo_run, tmp_path_factory) -> Path:
     """A copy of the session's demo run (conftest: run once, shared with test_demo), for this module's card tests."""
-    assert shared_demo_run.result is None or shared_demo_run.result.returncode == 0, shared_demo_run.result.stderr[
-        -4000:
-    ]
+    assert shared_demo_run.result.returncode == 0, shared_demo_run.result.stderr[-4000:]
     run_dir = tmp_path_factory.mktemp("demo-card") / "run"
     shutil.copytree(shared_demo_run.run_dir, run_dir)  # a moved run directory: the manifest's paths follow it
     return run_dir

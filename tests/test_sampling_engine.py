@@ -72,7 +72,10 @@ def test_hf_engine_is_the_stage_sampler_token_for_token(tiny_model_dir):
     engine = hf_engine(model, tok, batch_size=4)
     assert isinstance(engine, SamplingEngine) and engine.name == "hf"
     for temperature, top_p in ((1.0, 1.0), (0.7, 0.9), (0.0, 1.0)):
-        old = generation.sample_responses(model, tok, prompts, 3, 10, temperature, top_p, batch_size=4, seed=11)
+        encoded, stops = generation.prompt_inputs(model, tok, prompts)
+        old = generation.sample_ids(
+            model, encoded, 3, 10, stops, tok.pad_token_id, temperature, top_p, batch_size=4, seed=11
+        )
         new = sample_prompts(engine, model, tok, prompts, 3, 10, temperature, top_p, seed=11)
         assert [(s.prompt_index, s.sample_idx, s.token_ids, s.finish_reason) for s in old] == [
             (s.prompt_index, s.sample_idx, s.token_ids, s.finish_reason) for s in new

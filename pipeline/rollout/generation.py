@@ -21,7 +21,7 @@ from pipeline.util.errors import DataError
 
 @dataclass
 class Sample:
-    prompt_index: int  # position in the list passed to sample_responses
+    prompt_index: int  # position in the list of prompts sampled
     sample_idx: int
     token_ids: list[int]
     finish_reason: str  # "eos" | "length"
@@ -137,38 +137,6 @@ def prompt_inputs(model, tokenizer, prompts: Sequence) -> tuple[list[list[int]],
 
     chat = any(isinstance(p, list) for p in prompts)
     return encode_prompts(tokenizer, prompts), stop_ids(model, tokenizer, chat)
-
-
-def sample_responses(
-    model,
-    tokenizer,
-    prompts: Sequence,
-    n: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: Callable[[int, int, float], None] | None = None,
-) -> list[Sample]:
-    """n samples for every prompt (text or chat messages), in batches of ``batch_size`` prompts sorted by length.
-
-    ``progress(prompts_done, tokens_generated, seconds)`` is called after each batch.
-    """
-    encoded, stops = prompt_inputs(model, tokenizer, prompts)
-    return sample_ids(
-        model,
-        encoded,
-        n,
-        max_new_tokens,
-        stops,
-        tokenizer.pad_token_id,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-    )
 
 
 def sample_ids(
